@@ -1,0 +1,32 @@
+# One entry point for people and CI. `make test` builds the environment on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The stamp's name changes with setup.cfg, so editing dependencies reinstalls.
+STAMP := $(VENV)/.installed-$(shell cksum setup.cfg | cut -d' ' -f1)
+PYTEST_ARGS ?= -n 2 --durations=15
+
+.PHONY: env test train bench-objectives bench-logprob notebooks proto
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+env: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+train: $(STAMP)
+	$(BIN)/conspo train --config experiments/arith_tiny.py --workdir runs/arith_tiny
+
+bench-objectives: $(STAMP)
+	$(BIN)/python bench/objectives.py
+
+bench-logprob: $(STAMP)
+	$(BIN)/python bench/logprob_step.py
+
+proto: $(STAMP)
+	$(BIN)/python -m conspo_jax.sidecar.gen_proto

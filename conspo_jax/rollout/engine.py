@@ -1,0 +1,132 @@
+"""The rollout-engine contract shared by the trainer, the evaluator and the sidecar.
+
+An engine turns P tokenised prompts into P groups of ``n`` sampled completions. Every engine
+(the embedded JAX sampler, the SGLang wrapper, the gRPC sidecar client, the mock) returns the
+same typed ``Rollouts`` so that consumers never care where tokens came from.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+FINISH_STOP = "stop"  # an EOS / stop token was produced (it is included in the completion)
+FINISH_LENGTH = "length"  # max_new_tokens was reached
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. Defaults are the paper's training settings (temperature 1.0)."""
+
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_new_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """P prompts x n samples, flattened prompt-major: row ``p * n + k`` is sample k of prompt p.
+
+    completion_ids_RxT: int32, right-padded with ``pad_id``; R = P * n.
+    completion_lens_R:  int32, number of valid completion tokens per row (EOS included).
+    logprobs_RxT:       float32, the sampling distribution's log-prob of each token (0 on padding).
+    finish_reasons:     one of FINISH_STOP / FINISH_LENGTH per row.
+    group_ids_R:        int32, the prompt index p of each row.
+    weight_version:     version of the weights that produced these samples (sidecar staleness).
+    """
+
+    completion_ids_RxT: np.ndarray
+    completion_lens_R: np.ndarray
+    logprobs_RxT: np.ndarray
+    finish_reasons: list[str]
+    group_ids_R: np.ndarray
+    weight_version: int = 0
+    pad_id: int = 0
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.completion_ids_RxT.shape[0])
+
+    def completions(self) -> list[list[int]]:
+        """The valid token ids of every row, as python lists."""
+        return [row[:n].tolist() for row, n in zip(self.completion_ids_RxT, self.completion_lens_R)]
+
+    def completion_mask_RxT(self) -> np.ndarray:
+        t = np.arange(self.completion_ids_RxT.shape[1])[None, :]
+        return t < self.completion_lens_R[:, None]
+
+
+class RolloutEngine(abc.ABC):
+    """Generates groups of completions for tokenised prompts."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
+        """Samples ``params.n`` completions for every prompt (token id lists, no padding)."""
+
+    def update_weights(self, policy, version: int) -> None:  # pragma: no cover - optional
+        """Loads the weights of ``policy`` (a conspo_jax.models policy), tagged ``version``."""
+        raise NotImplementedError(f"{type(self).__name__} does not take in-process weights")
+
+    def close(self) -> None:
+        """Releases engine resources; engines holding none need not override."""
+
+
+class MockEngine(RolloutEngine):
+    """Deterministic stand-in for tests: completions are given by a callable or drawn from a seed.
+
+    ``script(prompt_ids, k) -> list[int]`` returns sample k's completion for a prompt; without a
+    script, completions are random tokens in [low, high) of random length, ending in eos_id.
+    """
+
+    def __init__(self, *, eos_id: int = 1, vocab_low: int = 2, vocab_high: int = 50, script=None, pad_id: int = 0):
+        self.eos_id, self.low, self.high, self.script, self.pad_id = eos_id, vocab_low, vocab_high, script, pad_id
+        self.version = 0
+        self.calls = 0
+
+    def generate(self, prompts, params):
+        rng = np.random.default_rng(params.seed + 7919 * self.calls)
+        self.calls += 1
+        rows, reasons = [], []
+        for p in prompts:
+            for k in range(params.n):
+                if self.script is not None:
+                    toks = list(self.script(list(p), k))[: params.max_new_tokens]
+                else:
+                    length = int(rng.integers(1, params.max_new_tokens + 1))
+                    toks = rng.integers(self.low, self.high, size=length).tolist()
+                    if length < params.max_new_tokens:
+                        toks[-1] = self.eos_id
+                stop = bool(toks) and toks[-1] in (self.eos_id, *params.stop_token_ids)
+                reasons.append(FINISH_STOP if stop else FINISH_LENGTH)
+                rows.append(toks)
+        width = max([1, *map(len, rows)])
+        ids = np.full((len(rows), width), self.pad_id, np.int32)
+        lens = np.zeros(len(rows), np.int32)
+        for i, toks in enumerate(rows):
+            ids[i, : len(toks)] = toks
+            lens[i] = len(toks)
+        logp = np.where(np.arange(width)[None] < lens[:, None], -1.0, 0.0).astype(np.float32)
+        groups = np.repeat(np.arange(len(prompts), dtype=np.int32), params.n)
+        return Rollouts(ids, lens, logp, reasons, groups, weight_version=self.version, pad_id=self.pad_id)
+
+    def update_weights(self, policy, version):
+        self.version = version

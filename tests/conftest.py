@@ -1,0 +1,11 @@
+"""Test-wide setup. Eight host CPU devices let sharding tests build real meshes on one machine."""
+
+import os
+
+# Must be set before jax initialises its backends; harmless for tests that use one device.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
