@@ -1,0 +1,97 @@
+"""The ``conspo`` command line: ``conspo {train,eval,sidecar} --config path.py[:arg] [--config.a.b=v ...]``.
+
+Bad input (an unknown config key, a wrong type, a missing path, an unknown objective) ends with one line
+on stderr naming the key or value, exit code 2, and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from conspo_jax.configs import UsageError, parse_command_line, stderr_line
+
+USAGE = """usage: conspo COMMAND --config path/to/experiment.py[:arg] [--config.key=value ...] [options]
+
+commands:
+  train    --workdir DIR                         train (resumes from DIR's last checkpoint)
+  eval     (--checkpoint DIR | --hf PATH) [--benchmarks a,b] [--workdir DIR]
+                                                 evaluate on math benchmarks (paper protocol)
+  sidecar  [--engine jax|sglang] [--port N]      serve rollouts over gRPC
+"""
+
+
+def _train_flags(fv):
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, TensorBoard).", flag_values=fv)
+
+
+def _eval_flags(fv):
+    flags.DEFINE_string("checkpoint", None, "Trainer workdir or checkpoint dir to evaluate.", flag_values=fv)
+    flags.DEFINE_string("hf", None, "Hugging Face checkpoint directory to evaluate.", flag_values=fv)
+    flags.DEFINE_list("benchmarks", None, "Benchmarks to run (default: the config's eval.benchmarks).", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "Where results.json and samples go.", flag_values=fv)
+
+
+def _sidecar_flags(fv):
+    flags.DEFINE_enum("engine", "jax", ["jax", "sglang"], "Rollout engine behind the sidecar.", flag_values=fv)
+    flags.DEFINE_integer("port", None, "Port (default: the config's rollout.sidecar.port).", flag_values=fv)
+    flags.DEFINE_string("host", None, "Bind address (default 127.0.0.1).", flag_values=fv)
+
+
+def _run_train(fv):
+    from conspo_jax.train.trainer import train
+
+    if not fv.workdir:
+        raise UsageError("--workdir is required for train")
+    train(fv.config, fv.workdir)
+    return 0
+
+
+def _run_eval(fv):
+    from conspo_jax.evals.runner import run_eval_command
+
+    if bool(fv.checkpoint) == bool(fv.hf):
+        raise UsageError("eval needs exactly one of --checkpoint DIR or --hf PATH")
+    run_eval_command(fv.config, checkpoint=fv.checkpoint, hf=fv.hf, benchmarks=fv.benchmarks,
+                     workdir=fv.workdir or "runs/eval")
+    return 0
+
+
+def _run_sidecar(fv):
+    from conspo_jax.sidecar.server import serve_from_cli
+
+    serve_from_cli(fv.config, engine_name=fv.engine, port=fv.port, host=fv.host)
+    return 0
+
+
+COMMANDS = {
+    "train": (_train_flags, _run_train),
+    "eval": (_eval_flags, _run_eval),
+    "sidecar": (_sidecar_flags, _run_sidecar),
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command = argv[1]
+    if command not in COMMANDS:
+        stderr_line(f"conspo: unknown command {command!r} (expected one of {', '.join(COMMANDS)})")
+        return 2
+    define, run = COMMANDS[command]
+    try:
+        fv = parse_command_line([f"conspo {command}", *argv[2:]], define)
+        return run(fv)
+    except UsageError as e:
+        stderr_line(f"conspo {command}: error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        stderr_line(f"conspo {command}: interrupted")
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
