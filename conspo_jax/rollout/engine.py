@@ -52,6 +52,8 @@ class Rollouts:
     finish_reasons:     one of FINISH_STOP / FINISH_LENGTH per row.
     group_ids_R:        int32, the prompt index p of each row.
     weight_version:     version of the weights that produced these samples (sidecar staleness).
+    rewards_R:          float32 verifier rewards when the engine verified the rows (the sidecar
+                        does), else None and the trainer scores the rows itself.
     """
 
     completion_ids_RxT: np.ndarray
@@ -61,6 +63,7 @@ class Rollouts:
     group_ids_R: np.ndarray
     weight_version: int = 0
     pad_id: int = 0
+    rewards_R: "np.ndarray | None" = None
 
     @property
     def num_rows(self) -> int:
