@@ -1,0 +1,112 @@
+"""The jitted RL update: gradient accumulation over whole-group micro-batches, one optimizer step.
+
+Group-contrastive objectives couple the rollouts of a group, so micro-batches always hold whole
+groups. Each objective reports the count its value is averaged over (``aux['normalizer']``: valid
+groups, or tokens for token-level aggregation); micro-batch values are recombined with those counts,
+which makes the accumulated gradient exactly that of the whole mini-batch. The train state is donated.
+A non-finite loss or gradient leaves parameters and optimizer state untouched (``optax.apply_if_finite``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from conspo_jax.models import token_logprobs
+from conspo_jax.objectives import ObjectiveInputs
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so it checkpoints like any array
+
+
+def make_optimizer(lr, *, warmup_steps, weight_decay, b1, b2, eps, grad_clip, total_steps):
+    """AdamW with linear warm-up (then constant, as in the paper's RL runs) and global-norm clipping."""
+    warm = max(int(warmup_steps), 0)
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm]) if warm else lr
+    chain = optax.chain(
+        optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+    )
+    return optax.apply_if_finite(chain, max_consecutive_errors=2**30), schedule
+
+
+def completion_logprobs(graphdef, params, rest, input_ids, attention_mask, prompt_len):
+    """Trainer log-probs of the completion tokens: [R, T - prompt_len]."""
+    model = nnx.merge(graphdef, params, rest)
+    logp_RxT1 = token_logprobs(model, input_ids, attention_mask)
+    return logp_RxT1[:, prompt_len - 1:]
+
+
+def _micro_objective(params, mb, progress, *, graphdef, rest, objective, num_groups, prompt_len, ref_params):
+    logp_RxC = completion_logprobs(graphdef, params, rest, mb["input_ids"], mb["attention_mask"], prompt_len)
+    old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp_RxC)
+    ref = None
+    if ref_params is not None:
+        ref = jax.lax.stop_gradient(
+            completion_logprobs(graphdef, ref_params, rest, mb["input_ids"], mb["attention_mask"], prompt_len))
+    inputs = ObjectiveInputs(
+        token_logp=logp_RxC, old_logp=old, mask=mb["completion_mask"], rewards=mb["rewards"],
+        group_ids=mb["group_ids"], rollout_mask=mb["rollout_mask"], ref_logp=ref)
+    value, aux = objective(inputs, num_groups=num_groups, progress=progress)
+    n = jax.lax.stop_gradient(aux["normalizer"]).astype(jnp.float32)
+    mask = mb["completion_mask"]
+    mismatch = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp_RxC) - mb["engine_logp"]) * mask)
+    aux = {k: v for k, v in aux.items() if k != "normalizer"}
+    return -value * n, (value, n, aux, mismatch, jnp.sum(mask))
+
+
+def train_step(state: TrainState, micro_batches, progress, *, graphdef, rest, objective, num_groups, prompt_len,
+               optimizer, ref_params=None):
+    """One optimizer update over micro-batches stacked on a leading axis [M, rows, ...]."""
+    loss_fn = functools.partial(_micro_objective, graphdef=graphdef, rest=rest, objective=objective,
+                                num_groups=num_groups, prompt_len=prompt_len, ref_params=ref_params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(acc, mb):
+        (_, (value, n, aux, mismatch, ntok)), grads = grad_fn(state.params, mb, progress)
+        g_acc, v_acc, n_acc, aux_acc, mm_acc, tok_acc = acc
+        g_acc = jax.tree.map(jnp.add, g_acc, grads)
+        aux_acc = jax.tree.map(lambda a, b: a + b * n, aux_acc, aux)
+        return (g_acc, v_acc + value * n, n_acc + n, aux_acc, mm_acc + mismatch, tok_acc + ntok), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    aux_shape = jax.eval_shape(lambda: loss_fn(state.params, first, progress)[1][2])
+    init = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape), jnp.float32(0), jnp.float32(0))
+    (g_sum, v_sum, n_sum, aux_sum, mm_sum, tok_sum), _ = jax.lax.scan(body, init, micro_batches)
+    denom = jnp.maximum(n_sum, 1e-9)
+    grads = jax.tree.map(lambda g: g / denom, g_sum)  # d(-J)/dtheta of the whole mini-batch
+    value = jnp.where(n_sum > 0, v_sum / denom, 0.0)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(value) & jnp.isfinite(optax.global_norm(grads))
+    metrics = {f"objective/{k}": jnp.where(n_sum > 0, v / denom, 0.0) for k, v in aux_sum.items()}
+    metrics.update({
+        "loss": -value, "objective/value": value, "objective/normalizer": n_sum,
+        "grad_norm": optax.global_norm(grads), "nonfinite": (~finite).astype(jnp.int32),
+        "rollout/logp_mismatch": mm_sum / jnp.maximum(tok_sum, 1.0),
+    })
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def make_train_step(**static):
+    """``jit(train_step)`` with the graph, objective and optimizer closed over and the state donated."""
+    return jax.jit(functools.partial(train_step, **static), donate_argnums=0)
+
+
+def make_logprob_fn(graphdef, rest, prompt_len):
+    """Jitted completion log-probs under given params (old-policy log-probs before the updates)."""
+    return jax.jit(lambda params, ids, mask: completion_logprobs(graphdef, params, rest, ids, mask, prompt_len))

@@ -1,0 +1,51 @@
+"""The default experiment: ConSPO on synthetic arithmetic with a tiny decoder, from scratch, on a CPU.
+
+A short supervised warm start (see conspo_jax/train/sft.py) brings the pass rate strictly between
+0 and 1, then ConSPO trains. Arguments: '' (the full demo, a few minutes on 2 CPU cores) or 'smoke'
+(a few steps, for the test suite).
+
+    conspo train --config experiments/arith_tiny.py --workdir runs/arith_tiny
+"""
+
+from conspo_jax.train.config_base import base_config
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.task = "arith"
+    c.tokenizer = "arith"
+    c.model.arch = "tiny-qwen2"
+    c.model.dtype = "float32"
+    c.model.overrides = dict(num_layers=2, hidden_size=96, intermediate_size=256, num_heads=4, num_kv_heads=2,
+                             head_dim=24, tie_word_embeddings=True, max_position_embeddings=64)
+    c.data.max_prompt_len = 16
+    c.data.max_operand = 99
+    c.data.ops = "+-"
+    c.data.num_train = 6000
+    c.rollout.prompts_per_step = 32
+    c.rollout.n = 8
+    c.rollout.max_new_tokens = 8
+    c.rollout.prompt_bucket = 16
+    c.objective.name = "conspo"
+    c.optim.lr = 2e-4
+    c.optim.warmup_steps = 5
+    c.train.num_steps = 120
+    c.train.ckpt_every = 20
+    c.sft.steps = 300
+    c.sft.lr = 3e-3
+    c.sft.batch_size = 64
+    c.eval.every = 40
+    c.eval.num_problems = 256
+    c.eval.n = 1
+    if arg == "smoke":
+        c.data.num_train = 512
+        c.sft.steps = 30
+        c.rollout.prompts_per_step = 8
+        c.rollout.n = 4
+        c.train.num_steps = 4
+        c.train.ckpt_every = 2
+        c.eval.every = 4
+        c.eval.num_problems = 32
+    elif arg:
+        raise ValueError(f"arith_tiny: unknown argument {arg!r} (use '' or 'smoke')")
+    return c
