@@ -1,0 +1,49 @@
+"""``python -m conspo_jax.sidecar``: run a sidecar without the absl CLI (tests, scripts, debugging).
+
+Same server as ``conspo sidecar``; also offers the deterministic 'mock' engine. The token, if any,
+is read from $CONSPO_SIDECAR_TOKEN. Prints ``SIDECAR READY host:port`` once serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv=None) -> int:
+    from conspo_jax.sidecar.server import TOKEN_ENV, options_from_config, run_until_signalled, serve
+
+    p = argparse.ArgumentParser(prog="python -m conspo_jax.sidecar", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="experiment config module path.py[:arg] (needed by the jax/sglang engines)")
+    p.add_argument("--engine", default="jax", choices=["jax", "sglang", "mock"])
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--weights-dir", default=None)
+    p.add_argument("--workers", type=int, default=None, help="verifier worker processes (0: in-thread)")
+    p.add_argument("--chunk-prompts", type=int, default=None, help="prompts per engine call (0: all)")
+    p.add_argument("--max-message-mb", type=int, default=None)
+    p.add_argument("--mock-delay-s", type=float, default=0.0, help="mock engine: seconds per generate call")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    config = None
+    if args.config:
+        from conspo_jax.configs import load_config_module
+
+        config = load_config_module(args.config)
+    opts = options_from_config(config, port=args.port, host=args.host)
+    for field, value in (("weights_dir", args.weights_dir), ("workers", args.workers),
+                         ("chunk_prompts", args.chunk_prompts)):
+        if value is not None:
+            setattr(opts, field, value)
+    if args.max_message_mb is not None:
+        opts.max_message_bytes = args.max_message_mb << 20
+    overrides = {"delay_s": args.mock_delay_s} if args.engine == "mock" else {}
+    logging.getLogger(__name__).info("token %s", "required" if opts.token else f"not set (${TOKEN_ENV})")
+    run_until_signalled(serve(config, engine_name=args.engine, port=opts.port, options=opts, **overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The engines a sidecar can serve, by name, and how each loads weights from a directory.
+
+``build_engine(name, config, **overrides)`` returns an ``EngineHandle``: the ``RolloutEngine``, a
+``load_weights(path, version)`` callable used by PushWeights, and the tokenizer that verification
+decodes with. 'jax' and 'sglang' are the real engines; 'mock' is the deterministic test engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable
+
+from conspo_jax.rollout.engine import MockEngine, RolloutEngine
+
+
+@dataclasses.dataclass
+class EngineHandle:
+    name: str
+    engine: RolloutEngine
+    load_weights: Callable[[str, int], None]
+    tokenizer: str | None = None  # decoding tokenizer spec for verification (see verifiers.load_tokenizer)
+
+    @property
+    def version(self) -> int:
+        return int(getattr(self.engine, "version", 0))
+
+
+def mock_script(prompt, k):
+    """The mock's completions: even samples echo the prompt reversed, odd samples answer ``2``.
+
+    Together with the 'exact' verifier and answer = the reversed prompt as text, even samples score 1
+    and odd samples 0, so a test can check that every reward belongs to its own prompt.
+    """
+    body = list(reversed(prompt)) if k % 2 == 0 else [2]
+    return [*body, 1]  # 1 = the mock's EOS
+
+
+class _SlowMock(MockEngine):
+    """MockEngine that takes ``delay_s`` per generate call, so a test can act mid-stream."""
+
+    def __init__(self, delay_s: float = 0.0, **kw):
+        super().__init__(**kw)
+        self.delay_s = delay_s
+
+    def generate(self, prompts, params):
+        time.sleep(self.delay_s)
+        return super().generate(prompts, params)
+
+
+def _build_mock(config, *, delay_s: float = 0.0, **_):
+    engine = _SlowMock(delay_s=delay_s, eos_id=1, script=mock_script)
+
+    def load(path, version):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"weights dir {path!r} does not exist")
+        engine.update_weights(None, version)
+
+    return EngineHandle("mock", engine, load, tokenizer=None)
+
+
+def _cfg(config, dotted: str, default=None):
+    node = config
+    for part in dotted.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return default
+    return node if node is not None else default
+
+
+def _build_sglang(config, *, model_path=None, tokenizer=None, **engine_kwargs):
+    from conspo_jax.sidecar.sglang_engine import SGLangEngine
+
+    model_path = model_path or _cfg(config, "model.path")
+    if not model_path:
+        raise ValueError("sglang sidecar needs a model: set config.model.path (an HF checkpoint directory)")
+    kwargs = dict(_cfg(config, "rollout.sidecar.sglang", {}) or {})
+    kwargs.update(engine_kwargs)
+    engine = SGLangEngine(model_path, **kwargs)
+    return EngineHandle("sglang", engine, engine.load_weights_from_path, tokenizer=tokenizer or model_path)
+
+
+ENGINES: dict[str, Callable[..., EngineHandle]] = {"mock": _build_mock, "sglang": _build_sglang}
+
+
+def build_engine(name: str, config=None, **overrides) -> EngineHandle:
+    if name not in ENGINES:
+        raise ValueError(f"unknown sidecar engine {name!r} (expected one of {', '.join(sorted(ENGINES))})")
+    return ENGINES[name](config, **overrides)
