@@ -1,0 +1,24 @@
+"""Policy models for conspo-jax: Qwen2 / Llama / Qwen3 decoder-only transformers in Flax NNX.
+
+Public API: `ModelConfig`, `get_model_config`, `init_policy`, `load_hf_policy`, `save_hf_policy`,
+`token_logprobs`, `make_mesh`, and for the sampler `init_kv_cache`, `forward_cached`,
+`policy_logits`.
+"""
+
+from conspo_jax.models.cache import KVCache, forward_cached, init_kv_cache
+from conspo_jax.models.config import ModelConfig, get_model_config, list_model_configs
+from conspo_jax.models.logprobs import mask_positions, segment_positions, token_logprobs
+from conspo_jax.models.sharding import (LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh,
+                                        state_shardings)
+from conspo_jax.models.transformer import (Transformer, abstract_policy, hidden_states, init_policy,
+                                           policy_logits, policy_state_shardings)
+
+Policy = Transformer
+
+__all__ = [
+    "KVCache", "LOGICAL_RULES", "ModelConfig", "Policy", "Transformer", "abstract_policy",
+    "batch_sharding", "forward_cached", "get_model_config", "hidden_states", "init_kv_cache",
+    "init_policy", "list_model_configs", "logical_to_spec", "make_mesh", "mask_positions",
+    "policy_logits", "policy_state_shardings", "segment_positions", "state_shardings",
+    "token_logprobs",
+]

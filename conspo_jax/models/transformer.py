@@ -1,0 +1,204 @@
+"""The policy network: a decoder-only transformer (Qwen2 / Llama / Qwen3) as a Flax NNX module.
+
+Layer weights are stacked along a leading [L] axis and the stack runs under `jax.lax.scan` (one
+compiled layer, fast compiles for 28-36 layer models) with optional `jax.checkpoint`. Every weight
+carries `logical_axes` metadata that `sharding.state_shardings` turns into NamedShardings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from conspo_jax.models import layers as L
+from conspo_jax.models.config import ModelConfig
+from conspo_jax.models.sharding import constrain, state_shardings
+
+
+def layer_param_specs(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+  """name -> (per-layer shape, logical axes, init) of every stacked layer weight of `c`."""
+  d, f, h, k, dh = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+  specs = {
+      "attn_norm": ((d,), ("norm",), "ones"),
+      "q": ((d, h, dh), ("embed", "heads", "head_dim"), "normal"),
+      "k": ((d, k, dh), ("embed", "kv_heads", "head_dim"), "normal"),
+      "v": ((d, k, dh), ("embed", "kv_heads", "head_dim"), "normal"),
+      "o": ((h, dh, d), ("heads", "head_dim", "embed"), "normal"),
+      "mlp_norm": ((d,), ("norm",), "ones"),
+      "gate": ((d, f), ("embed", "mlp"), "normal"),
+      "up": ((d, f), ("embed", "mlp"), "normal"),
+      "down": ((f, d), ("mlp", "embed"), "normal"),
+  }
+  if c.qkv_bias:
+    specs["q_bias"] = ((h, dh), ("heads", "head_dim"), "zeros")
+    specs["k_bias"] = ((k, dh), ("kv_heads", "head_dim"), "zeros")
+    specs["v_bias"] = ((k, dh), ("kv_heads", "head_dim"), "zeros")
+  if c.qk_norm:
+    specs["q_norm"] = ((dh,), ("norm",), "ones")
+    specs["k_norm"] = ((dh,), ("norm",), "ones")
+  return specs
+
+
+def _param(rngs: nnx.Rngs, shape, axes, init: str, dtype, std: float) -> nnx.Param:
+  if init == "ones":
+    value = jnp.ones(shape, dtype)
+  elif init == "zeros":
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  # eager_sharding=False: placement comes from `state_shardings` at jit time, not at construction.
+  return nnx.Param(value, logical_axes=tuple(axes), eager_sharding=False)
+
+
+class Layers(nnx.Module):
+  """All decoder layers' weights, each an nnx.Param of shape [L, ...]."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+    for name, (shape, axes, init) in layer_param_specs(config).items():
+      setattr(self, name, _param(rngs, (config.num_layers, *shape), ("layers", *axes), init,
+                                 param_dtype, config.initializer_range))
+
+  def arrays(self) -> dict[str, jax.Array]:
+    return {name: getattr(self, name)[...] for name in vars(self) if
+            isinstance(getattr(self, name), nnx.Param)}
+
+
+class Transformer(nnx.Module):
+  """Causal LM policy. Options (dtype, remat, logprob_chunk, attn_impl, mesh) are static attributes
+  that travel in the graphdef, so `nnx.merge(graphdef, state)` inside a jitted loss restores them."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32, remat: str = "none", logprob_chunk: int = 2048,
+               attn_impl: str = "auto", mesh: Mesh | None = None):
+    if attn_impl not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"attn_impl={attn_impl!r} not supported; expected 'auto', 'xla' or 'cudnn'")
+    L.maybe_remat(lambda x: x, remat)  # validates the name
+    if int(logprob_chunk) < 1:
+      raise ValueError(f"logprob_chunk={logprob_chunk!r} must be a positive int")
+    self.config = config
+    self.dtype = jnp.dtype(dtype)
+    self.param_dtype = jnp.dtype(param_dtype)
+    self.remat = remat
+    self.logprob_chunk = int(logprob_chunk)
+    self.attn_impl = attn_impl
+    self.mesh = mesh
+    c = config
+    self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal",
+                        param_dtype, c.initializer_range)
+    self.layers = Layers(c, rngs=rngs, param_dtype=param_dtype)
+    self.final_norm = _param(rngs, (c.hidden_size,), ("norm",), "ones", param_dtype, 0.0)
+    if not c.tie_word_embeddings:
+      self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal",
+                            param_dtype, c.initializer_range)
+
+  # ------------------------------------------------------------------ helpers used by all paths
+  def resolved_attn_impl(self) -> str:
+    if self.attn_impl != "auto":
+      return self.attn_impl
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and self.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+
+  def embed_tokens(self, input_ids_BxT: jax.Array) -> jax.Array:
+    x = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(self.dtype)
+    return constrain(x, self.mesh, ("batch", "seq", "act_embed"))
+
+  def head_weight(self) -> jax.Array:
+    """LM head as [D, V] in the compute dtype (the transposed embedding when tied)."""
+    w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+    return w.astype(self.dtype)
+
+  def final_hidden(self, x_BxTxD: jax.Array) -> jax.Array:
+    return L.rms_norm(x_BxTxD, self.final_norm[...], self.config.rms_norm_eps)
+
+
+def qkv_projection(model: Transformer, p: dict[str, jax.Array], x_BxTxD, cos, sin):
+  """Pre-norm + Q/K/V projections (+ bias, + q/k norm) + RoPE for one layer."""
+  c, dt = model.config, model.dtype
+  h = L.rms_norm(x_BxTxD, p["attn_norm"], c.rms_norm_eps)
+  q = jnp.einsum("btd,dnh->btnh", h, p["q"].astype(dt))
+  k = jnp.einsum("btd,dnh->btnh", h, p["k"].astype(dt))
+  v = jnp.einsum("btd,dnh->btnh", h, p["v"].astype(dt))
+  if c.qkv_bias:
+    q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
+  if c.qk_norm:
+    q = L.rms_norm(q, p["q_norm"], c.rms_norm_eps)
+    k = L.rms_norm(k, p["k_norm"], c.rms_norm_eps)
+  q = constrain(L.apply_rope(q, cos, sin), model.mesh, ("batch", "seq", "act_heads", None))
+  k = constrain(L.apply_rope(k, cos, sin), model.mesh, ("batch", "seq", "act_kv_heads", None))
+  v = constrain(v, model.mesh, ("batch", "seq", "act_kv_heads", None))
+  return q, k, v
+
+
+def attn_output_and_mlp(model: Transformer, p: dict[str, jax.Array], x_BxTxD, o_BxTxNxH):
+  """Output projection + residual, then pre-norm SwiGLU + residual."""
+  c, dt = model.config, model.dtype
+  x = x_BxTxD + jnp.einsum("btnh,nhd->btd", o_BxTxNxH.astype(dt), p["o"].astype(dt))
+  x = constrain(x, model.mesh, ("batch", "seq", "act_embed"))
+  h = L.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+  x = x + L.swiglu(h, p["gate"].astype(dt), p["up"].astype(dt), p["down"].astype(dt))
+  return constrain(x, model.mesh, ("batch", "seq", "act_embed"))
+
+
+def hidden_states(model: Transformer, input_ids_BxT, positions_BxT, *, mask=None, causal=False,
+                  kv_lengths=None) -> jax.Array:
+  """Final-norm hidden states [B, T, D] of a full (no-cache) forward pass.
+
+  Attention sees either `mask` ([B, 1, T, T] bool) or `causal` + `kv_lengths`.
+  """
+  impl = model.resolved_attn_impl()
+  cos, sin = L.rope_tables(model.config, positions_BxT)
+
+  def layer(x, p):
+    q, k, v = qkv_projection(model, p, x, cos, sin)
+    o = L.attention(q, k, v, mask=mask, causal=causal, kv_lengths=kv_lengths, implementation=impl)
+    return attn_output_and_mlp(model, p, x, o), None
+
+  x = model.embed_tokens(input_ids_BxT)
+  x, _ = jax.lax.scan(L.maybe_remat(layer, model.remat), x, model.layers.arrays())
+  return model.final_hidden(x)
+
+
+def policy_logits(model: Transformer, h_BxTxD: jax.Array) -> jax.Array:
+  """fp32 logits [B, T, V] through the (tied or untied) LM head. Materialises [B, T, V]: use it for
+  sampling (T small); `token_logprobs` computes log-probs in chunks instead."""
+  logits = jnp.einsum("btd,dv->btv", h_BxTxD.astype(model.dtype), model.head_weight(),
+                      preferred_element_type=jnp.float32)
+  return constrain(logits, model.mesh, ("batch", "seq", "act_vocab"))
+
+
+def _build(config, seed, kwargs) -> Transformer:
+  return Transformer(config, rngs=nnx.Rngs(params=seed), **kwargs)
+
+
+def abstract_policy(config: ModelConfig, **kwargs) -> Transformer:
+  """Shape-only policy (no memory allocated): for shardings and for loading weights into."""
+  return nnx.eval_shape(lambda: _build(config, 0, kwargs))
+
+
+def init_policy(config: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                mesh: Mesh | None = None, remat: str = "none", logprob_chunk: int = 2048,
+                attn_impl: str = "auto") -> Transformer:
+  """Randomly initialised policy. With `mesh`, every weight is created directly in its sharding
+  (eval_shape -> shardings -> jit(init, out_shardings)), so no unsharded copy ever exists."""
+  if not isinstance(config, ModelConfig):
+    raise TypeError(f"init_policy config must be a ModelConfig, got {type(config).__name__}")
+  kwargs: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                logprob_chunk=logprob_chunk, attn_impl=attn_impl, mesh=mesh)
+  graphdef, abs_state = nnx.split(abstract_policy(config, **kwargs))
+  out_shardings = state_shardings(abs_state, mesh) if mesh is not None else None
+
+  init_state = jax.jit(lambda: nnx.state(_build(config, seed, kwargs)), out_shardings=out_shardings)
+  return nnx.merge(graphdef, init_state())
+
+
+def policy_state_shardings(model: Transformer, mesh: Mesh | None = None):
+  """NamedShardings matching `nnx.state(model)` (for jit in/out shardings in the trainer)."""
+  mesh = mesh if mesh is not None else model.mesh
+  if mesh is None:
+    raise ValueError("policy_state_shardings needs a mesh (the policy has none)")
+  return state_shardings(nnx.state(model), mesh)
+
