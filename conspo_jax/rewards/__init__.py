@@ -1,0 +1,31 @@
+"""The math answer verifier: last-``\\boxed{}`` extraction and math-verify comparison in worker processes.
+
+Public API:
+  math_reward(response, ground_truth) -> float            one pair, 1.0 or 0.0
+  math_reward_batch(responses, ground_truths) -> ndarray  a batch, verified in parallel
+  RewardPool                                              reusable worker pool (context manager)
+  Verdict                                                 score + extracted answer + how it was decided
+  extract_boxed(text) -> str | None                       content of the last \\boxed{} / \\fbox{}
+"""
+
+from conspo_jax.rewards.extract import MAX_ANSWER_CHARS, extract_boxed, normalize_answer
+from conspo_jax.rewards.pool import (
+    RewardPool,
+    Verdict,
+    default_pool,
+    math_reward,
+    math_reward_batch,
+    shutdown_default_pool,
+)
+
+__all__ = [
+    "MAX_ANSWER_CHARS",
+    "RewardPool",
+    "Verdict",
+    "default_pool",
+    "extract_boxed",
+    "math_reward",
+    "math_reward_batch",
+    "normalize_answer",
+    "shutdown_default_pool",
+]

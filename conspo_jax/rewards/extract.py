@@ -1,0 +1,148 @@
+"""Answer extraction and the cheap, in-process half of verification.
+
+Everything here is linear-time string work that is safe on any model output, so the parent process
+can run it before handing the (bounded) remainder to a math-verify worker:
+
+* ``extract_boxed``: the content of the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces,
+  escaped ``\\{``, and the brace-less ``\\boxed 5`` form).
+* ``normalize_answer``: a few rewrites math-verify does not do itself (each one documented below).
+* ``quick_verdict``: decides the easy cases (no box, oversized box, identical strings, two plain
+  integers) without sympy; everything else needs the worker.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Boxed answers longer than this are not parsed: no benchmark answer comes close (the longest MATH500 /
+# OlympiadBench answers are ~150 characters), and sympy's cost grows super-linearly with input size.
+MAX_ANSWER_CHARS = 1000
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+
+
+def _find_last_box(text: str) -> tuple[int, str] | None:
+    """Start index just after the last box command, or None. Skips look-alikes such as ``\\boxedx``."""
+    end = len(text)
+    while True:
+        hits = [(text.rfind(cmd, 0, end), cmd) for cmd in _BOX_COMMANDS]
+        pos, cmd = max(hits)
+        if pos < 0:
+            return None
+        after = pos + len(cmd)
+        if after >= len(text) or not text[after].isalpha():
+            return after, cmd
+        end = pos  # e.g. "\boxedtext": not a box command, look further left
+
+
+def _balanced(text: str, open_pos: int) -> str | None:
+    """Content of the brace group opening at ``open_pos``; None if it never closes."""
+    depth = 0
+    i = open_pos
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2  # an escaped character (\{ \} \\) never changes the depth
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_pos + 1 : i]
+        i += 1
+    return None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Returns the content of the last ``\\boxed{}`` or ``\\fbox{}`` in ``text``, or None.
+
+    Only the last box counts (a model that boxes several candidates is graded on its final one). A last
+    box that never closes (a truncated response) or is empty gives None rather than an earlier box.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"extract_boxed: text must be str, got {type(text).__name__}")
+    found = _find_last_box(text)
+    if found is None:
+        return None
+    i, _ = found
+    n = len(text)
+    while i < n and text[i] in " \t":
+        i += 1
+    if i < n and text[i] == "{":
+        content = _balanced(text, i)
+    else:
+        # "\boxed 5$": the argument runs to the next whitespace or math delimiter.
+        m = re.match(r"[^\s$]+", text[i:])
+        content = m.group(0) if m else None
+    if content is None:
+        return None
+    content = content.strip()
+    return content or None
+
+
+# --- normalisation -----------------------------------------------------------------------------------
+# math-verify already handles \dfrac, \left/\right, units in \text{}, ^\circ, \%, {,} thousands
+# separators, x = ... and \text{(C)}. What it gets wrong on its own (checked in tests/test_rewards.py):
+#   "1\,000" (thin-space thousands separator) parses as 1*0;   "30°" (unicode degree) is not parsed;
+#   "5." (sentence period inside the box) is not parsed;       "\varnothing" is not the empty set;
+#   "\$" and "$...$" inside a ground truth confuse the boxed extraction.
+_THIN_SPACE_THOUSANDS = re.compile(r"(?<=\d)(?:\\[,;:! ]|~|\\thinspace ?)(?=\d{3}(?!\d))")
+_TRAILING_PERIOD = re.compile(r"(?<=[0-9a-zA-Z}])\.\s*$")
+_DOLLARS = re.compile(r"(?<!\\)\$")
+
+
+def normalize_answer(answer: str) -> str:
+    """Rewrites an answer string into a form math-verify parses reliably (see the comment above)."""
+    s = answer.strip()
+    s = s.replace("\\$", "")  # currency sign
+    s = _DOLLARS.sub("", s)  # math delimiters, e.g. OlympiadBench "$69$,$84$"
+    s = _THIN_SPACE_THOUSANDS.sub("", s)
+    s = s.replace("°", "^\\circ").replace("−", "-")
+    s = s.replace("\\varnothing", "\\emptyset")
+    s = _TRAILING_PERIOD.sub("", s)
+    return s.strip()
+
+
+def ground_truth_answer(ground_truth) -> str:
+    """The answer inside a ground truth given as ``5``, ``$5$``, ``\\boxed{5}`` or ``$\\boxed{5}$``."""
+    if isinstance(ground_truth, bool) or not isinstance(ground_truth, (str, int, float)):
+        raise TypeError(f"ground_truth must be str or number, got {type(ground_truth).__name__}: {ground_truth!r}")
+    if isinstance(ground_truth, float) and ground_truth.is_integer():
+        ground_truth = int(ground_truth)  # AMC files store 27.0
+    gt = str(ground_truth).strip()
+    boxed = extract_boxed(gt) if ("\\boxed" in gt or "\\fbox" in gt) else None
+    return normalize_answer(boxed if boxed is not None else gt)
+
+
+_INT = re.compile(r"^[+-]?(?:\d+|\d{1,3}(?:,\d{3})+)$")
+_SPACES = re.compile(r"\s+")
+
+
+def _plain_int(s: str) -> int | None:
+    return int(s.replace(",", "")) if _INT.match(s) else None
+
+
+# Verdict reasons. "parsed" ones come from math-verify; the others are decided here or by the pool.
+NO_BOX = "no_box"
+TOO_LONG = "too_long"
+EXACT = "exact"
+INTEGER = "integer"
+PARSED = "parsed"
+TIMEOUT = "timeout"
+ERROR = "error"
+
+
+def quick_verdict(pred: str, gold: str) -> tuple[float, str] | None:
+    """Scores the cases that need no sympy: (score, reason), or None when math-verify must decide.
+
+    ``pred`` and ``gold`` are already normalised. Identical strings (ignoring whitespace) are equal, and
+    two plain integers compare by value: "023" is 23, and "24" is never equal to "23" in any notation.
+    """
+    if _SPACES.sub("", pred) == _SPACES.sub("", gold):
+        return 1.0, EXACT
+    a, b = _plain_int(pred), _plain_int(gold)
+    if a is not None and b is not None:
+        return float(a == b), INTEGER
+    return None
