@@ -1,0 +1,56 @@
+"""The ConSPO objective, its ablations and every baseline, behind one registry and one signature.
+
+    from conspo_jax.objectives import ObjectiveInputs, get_objective
+    J, aux = get_objective("conspo")(inputs, num_groups=G, progress=p, **hparams)
+
+``J`` is a scalar to maximise; ``aux["normalizer"]`` is the stop-gradient count it averages over, so
+micro-batches of whole groups combine exactly as sum_m J_m n_m / sum_m n_m. Everything is built from
+segment reductions over a flat batch (no Python loop over groups) and runs under ``jax.jit``.
+
+Registered names: conspo, conspo_no_contrastive, conspo_no_loglik, conspo_no_margin,
+conspo_fixed_margin, grpo, dapo, dr_grpo, disco, gmpo, cispo, sapo, gspo.
+"""
+
+from conspo_jax.objectives.advantages import group_advantages, split_groups
+from conspo_jax.objectives.conspo import (
+    conspo_objective,
+    infonce,
+    linear_discriminative,
+    margin_schedule,
+)
+from conspo_jax.objectives.grpo import (
+    dapo_dynamic_sampling_filter,
+    dapo_overlong_penalty,
+    grpo_surrogate,
+)
+from conspo_jax.objectives.registry import (
+    Objective,
+    ObjectiveInputs,
+    get_objective,
+    list_objectives,
+    register_objective,
+)
+from conspo_jax.objectives.sequences import clipped_ratio_scores, sequence_scores
+
+# Imported for their registrations.
+from conspo_jax.objectives import disco as _disco  # noqa: F401  pylint: disable=unused-import
+from conspo_jax.objectives import ratio_family as _ratio_family  # noqa: F401  pylint: disable=unused-import
+
+__all__ = [
+    "Objective",
+    "ObjectiveInputs",
+    "clipped_ratio_scores",
+    "conspo_objective",
+    "dapo_dynamic_sampling_filter",
+    "dapo_overlong_penalty",
+    "get_objective",
+    "group_advantages",
+    "grpo_surrogate",
+    "infonce",
+    "linear_discriminative",
+    "list_objectives",
+    "margin_schedule",
+    "register_objective",
+    "sequence_scores",
+    "split_groups",
+]

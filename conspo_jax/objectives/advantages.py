@@ -1,0 +1,103 @@
+"""Group statistics: positive/negative splits, valid groups and group-relative advantages (Eq. 1).
+
+All outputs here are functions of rewards and masks only, so they are stop-gradient by construction.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from conspo_jax.objectives.segments import (
+    group_count,
+    group_max,
+    group_min,
+    group_sum,
+    rollout_validity,
+    safe_div,
+)
+
+
+class GroupSplit(NamedTuple):
+    """Which rollouts are positive/negative and which groups can be contrasted.
+
+    is_pos_R / is_neg_R: bool [R], only real (non-padding) rollouts.
+    n_pos_G / n_neg_G:   float [G] counts N+ and N-.
+    n_G:                 float [G] real rollouts per group (G_q).
+    valid_G:             bool [G], N+ >= 1 and N- >= 1 (a group that can be contrasted).
+    nonempty_G:          bool [G], at least one real rollout.
+    """
+
+    is_pos_R: jax.Array
+    is_neg_R: jax.Array
+    n_pos_G: jax.Array
+    n_neg_G: jax.Array
+    n_G: jax.Array
+    valid_G: jax.Array
+    nonempty_G: jax.Array
+
+
+def split_groups(
+    rewards_R: jax.Array,
+    group_ids_R: jax.Array,
+    num_groups: int,
+    *,
+    rollout_mask_R: jax.Array | None = None,
+    reward_threshold: float = 0.5,
+    dtype=jnp.float32,
+) -> GroupSplit:
+    """Positives are real rollouts with reward > ``reward_threshold``; negatives the other real ones."""
+    valid_R = rollout_validity(rewards_R, rollout_mask_R)
+    is_pos_R = valid_R & (rewards_R > reward_threshold)
+    is_neg_R = valid_R & ~is_pos_R
+    n_pos_G = group_count(is_pos_R, group_ids_R, num_groups, dtype)
+    n_neg_G = group_count(is_neg_R, group_ids_R, num_groups, dtype)
+    n_G = n_pos_G + n_neg_G
+    return GroupSplit(
+        is_pos_R=is_pos_R,
+        is_neg_R=is_neg_R,
+        n_pos_G=n_pos_G,
+        n_neg_G=n_neg_G,
+        n_G=n_G,
+        valid_G=(n_pos_G > 0) & (n_neg_G > 0),
+        nonempty_G=n_G > 0,
+    )
+
+
+def group_advantages(
+    rewards: jax.Array,
+    group_ids: jax.Array,
+    num_groups: int,
+    *,
+    rollout_mask: jax.Array | None = None,
+    normalize_std: bool = True,
+) -> jax.Array:
+    """Group-relative advantages.
+
+    ``normalize_std=True`` is Eq. 1: A_i = (r_i - mean_q) / std_q with the *population* std (1/G, as in
+    the paper; torch.std's default Bessel correction would break Proposition 1's identity).
+    ``normalize_std=False`` is Dr. GRPO's A_i = r_i - mean_q.
+
+    A group whose rewards are all equal gets A = 0 exactly; padding rollouts get 0. The all-equal test
+    uses max == min rather than std == 0, since the float std of equal non-binary rewards can come out
+    as 1e-17 and dividing by it would produce garbage advantages.
+    """
+    dtype = jnp.result_type(rewards.dtype, jnp.float32)
+    rewards = rewards.astype(dtype)
+    valid_R = rollout_validity(rewards, rollout_mask)
+    n_G = group_count(valid_R, group_ids, num_groups, dtype)
+    mean_G = safe_div(group_sum(jnp.where(valid_R, rewards, 0.0), group_ids, num_groups), n_G)
+    centred_R = rewards - mean_G[group_ids]
+    spread_G = group_max(rewards, valid_R, group_ids, num_groups) > group_min(
+        rewards, valid_R, group_ids, num_groups
+    )
+    active_R = valid_R & spread_G[group_ids]
+    if normalize_std:
+        var_G = safe_div(group_sum(jnp.where(valid_R, centred_R**2, 0.0), group_ids, num_groups), n_G)
+        std_G = jnp.sqrt(jnp.where(spread_G, var_G, 1.0))
+        adv_R = centred_R / std_G[group_ids]
+    else:
+        adv_R = centred_R
+    return jax.lax.stop_gradient(jnp.where(active_R, adv_R, 0.0))

@@ -1,0 +1,248 @@
+"""GRPO and its two best-known refinements, DAPO and Dr. GRPO: PPO-style clipped token surrogates on
+group-relative advantages, differing in advantage scaling and in how token terms are averaged.
+
+    GRPO      (1/G) sum_i (1/|o_i|) sum_t f(rho_it, A_i)       per group, mean over groups
+    Dr. GRPO  (1/G) sum_i (1/L)     sum_t f(rho_it, A_i)       A_i = r_i - mean, L a constant
+    DAPO      (1/sum_i |o_i|) sum_i sum_t f(rho_it, A_i)       token mean over the whole batch
+
+with f(rho, A) = min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) (paper Eq. 4).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from conspo_jax.objectives.advantages import group_advantages
+from conspo_jax.objectives.registry import (
+    ObjectiveInputs,
+    check_nonnegative,
+    check_positive,
+    register_objective,
+)
+from conspo_jax.objectives.segments import (
+    as_bool,
+    group_count,
+    group_max,
+    group_min,
+    group_sum,
+    mean_over_groups,
+    rollout_validity,
+    safe_div,
+)
+from conspo_jax.objectives.sequences import k3_kl, masked_token_mean, masked_token_sum, token_log_ratio
+
+
+def clipped_surrogate_terms(log_ratio_RxT, adv_R, *, eps_low, eps_high):
+    """Per-token f(rho, A) of Eq. 4 and where the clip binds (those tokens get no gradient)."""
+    ratio_RxT = jnp.exp(log_ratio_RxT)
+    adv_RxT = adv_R[:, None]
+    unclipped = ratio_RxT * adv_RxT
+    clipped = jnp.clip(ratio_RxT, 1.0 - eps_low, 1.0 + eps_high) * adv_RxT
+    return jnp.minimum(unclipped, clipped), clipped < unclipped
+
+
+def token_mask(inputs_mask_RxT, rewards_R, rollout_mask_R):
+    """[R, T] completion tokens of real rollouts."""
+    return as_bool(inputs_mask_RxT) & rollout_validity(rewards_R, rollout_mask_R)[:, None]
+
+
+def _group_mean_of_rollouts(per_rollout_R, real_R, group_ids_R, num_groups):
+    """(1/G_q) sum_i x_i per group, then the mean over non-empty groups; returns (J, n_groups)."""
+    n_G = group_count(real_R, group_ids_R, num_groups, per_rollout_R.dtype)
+    per_group_G = safe_div(group_sum(jnp.where(real_R, per_rollout_R, 0.0), group_ids_R, num_groups), n_G)
+    return mean_over_groups(per_group_G, n_G > 0)
+
+
+def _token_diagnostics(log_ratio_RxT, clipped_RxT, tok_RxT):
+    n_tok = jnp.sum(tok_RxT.astype(log_ratio_RxT.dtype))
+    return {
+        "clip_frac": safe_div(jnp.sum(clipped_RxT & tok_RxT).astype(n_tok.dtype), n_tok),
+        "approx_kl": safe_div(jnp.sum(jnp.where(tok_RxT, k3_kl(log_ratio_RxT), 0.0)), n_tok),
+    }
+
+
+def _clipped_objective(
+    inputs: ObjectiveInputs,
+    num_groups: int,
+    *,
+    eps_low,
+    eps_high,
+    normalize_std: bool,
+    aggregation: str,
+    length_normalizer=None,
+    beta=0.0,
+    keep_R=None,
+):
+    """Shared body of GRPO / Dr. GRPO / DAPO. ``keep_R`` further restricts the real rollouts."""
+    real_R = rollout_validity(inputs.rewards, inputs.rollout_mask)
+    if keep_R is not None:
+        real_R = real_R & keep_R
+    tok_RxT = as_bool(inputs.mask) & real_R[:, None]
+    adv_R = group_advantages(
+        inputs.rewards, inputs.group_ids, num_groups, rollout_mask=real_R, normalize_std=normalize_std
+    ).astype(inputs.token_logp.dtype)
+    log_ratio_RxT = token_log_ratio(inputs.token_logp, inputs.old_logp, tok_RxT)
+    f_RxT, clipped_RxT = clipped_surrogate_terms(log_ratio_RxT, adv_R, eps_low=eps_low, eps_high=eps_high)
+    aux = _token_diagnostics(log_ratio_RxT, clipped_RxT, tok_RxT)
+    if inputs.ref_logp is not None and not (isinstance(beta, (int, float)) and beta == 0):
+        # DeepSeekMath's k3 penalty pi_ref/pi - log(pi_ref/pi) - 1 sits inside the token average.
+        ref_RxT = jax.lax.stop_gradient(jnp.where(tok_RxT, inputs.ref_logp, 0.0))
+        kl_RxT = k3_kl(jnp.where(tok_RxT, ref_RxT - inputs.token_logp, 0.0))
+        f_RxT = f_RxT - beta * kl_RxT
+        n_tok = jnp.sum(tok_RxT.astype(f_RxT.dtype))
+        aux["ref_kl"] = safe_div(jnp.sum(jnp.where(tok_RxT, kl_RxT, 0.0)), n_tok)
+
+    if aggregation == "token":
+        n_tok = jnp.sum(tok_RxT.astype(f_RxT.dtype))
+        value = safe_div(jnp.sum(jnp.where(tok_RxT, f_RxT, 0.0)), n_tok)
+        aux["normalizer"] = jax.lax.stop_gradient(n_tok)
+        return value, aux
+    if length_normalizer is None:
+        per_rollout_R = masked_token_mean(f_RxT, tok_RxT)
+    else:
+        per_rollout_R = masked_token_sum(f_RxT, tok_RxT) / length_normalizer
+    value, n_groups = _group_mean_of_rollouts(per_rollout_R, real_R, inputs.group_ids, num_groups)
+    aux["normalizer"] = n_groups
+    return value, aux
+
+
+def grpo_surrogate(
+    new_logp,
+    old_logp,
+    mask,
+    rewards,
+    group_ids,
+    num_groups: int,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    rollout_mask=None,
+) -> jax.Array:
+    """Paper Eq. 3 without KL: mean over non-empty groups of (1/G_q) sum_i (1/|o_i|) sum_t f(rho_it, A_i).
+
+    A_i is Eq. 1 with the population std, and 0 in groups whose rewards are all equal.
+    """
+    inputs = ObjectiveInputs(
+        token_logp=new_logp, old_logp=old_logp, mask=mask, rewards=rewards, group_ids=group_ids,
+        rollout_mask=rollout_mask,
+    )
+    value, _ = _clipped_objective(
+        inputs, num_groups, eps_low=eps_low, eps_high=eps_high, normalize_std=True, aggregation="group"
+    )
+    return value
+
+
+@register_objective("grpo", uses_old_logp=True, uses_ref_logp=True, requires_ref=lambda h: h["beta"] != 0)
+def grpo(
+    inputs: ObjectiveInputs,
+    *,
+    num_groups: int,
+    progress=None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+):
+    """GRPO, DeepSeekMath (arXiv 2402.03300) Eq. 3 / this paper's Eq. 3-4.
+
+    (1/G) sum_i (1/|o_i|) sum_t [min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) - beta D_KL,t] per group,
+    averaged over non-empty groups; A_i from Eq. 1 (population std). D_KL,t is the k3 estimator
+    pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (DeepSeekMath Eq. 4), read from ``inputs.ref_logp`` only
+    when ``beta != 0`` (default 0: no reference model, as in the ConSPO paper's baselines).
+    Normaliser: number of non-empty groups. Diagnostics: clip_frac, approx_kl (k3 of pi_old vs pi_theta),
+    ref_kl when beta != 0.
+    """
+    del progress
+    check_nonnegative("grpo", eps_low=eps_low, eps_high=eps_high, beta=beta)
+    return _clipped_objective(
+        inputs, num_groups, eps_low=eps_low, eps_high=eps_high, normalize_std=True, aggregation="group",
+        beta=beta,
+    )
+
+
+@register_objective("dr_grpo", uses_old_logp=True)
+def dr_grpo(
+    inputs: ObjectiveInputs,
+    *,
+    num_groups: int,
+    progress=None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    length_normalizer: float | None = None,
+):
+    """Dr. GRPO, "Understanding R1-Zero-Like Training" (arXiv 2503.20783), Sec. 3.2.
+
+    Removes both of GRPO's biases: advantages are A_i = r_i - mean_q (no std division), and a rollout's
+    token sum is divided by a *constant* L instead of its own length |o_i|:
+    (1/G) sum_i (1/L) sum_t f(rho_it, A_i) per group, averaged over non-empty groups. The paper's
+    objective has no 1/L at all; its reference code (oat) divides by the generation budget, which only
+    rescales the step. ``length_normalizer=None`` uses T, the padded response length of the batch: pass
+    the max response length explicitly when micro-batches may be padded to different T.
+    Normaliser: number of non-empty groups (L is a constant, not part of it).
+    """
+    del progress
+    check_nonnegative("dr_grpo", eps_low=eps_low, eps_high=eps_high)
+    if length_normalizer is None:
+        length_normalizer = inputs.token_logp.shape[1]
+    check_positive("dr_grpo", length_normalizer=length_normalizer)
+    return _clipped_objective(
+        inputs, num_groups, eps_low=eps_low, eps_high=eps_high, normalize_std=False, aggregation="group",
+        length_normalizer=length_normalizer,
+    )
+
+
+@register_objective("dapo", uses_old_logp=True)
+def dapo(
+    inputs: ObjectiveInputs,
+    *,
+    num_groups: int,
+    progress=None,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dynamic_sampling: bool = True,
+):
+    """DAPO (arXiv 2503.14476) Eq. 8: clip-higher (eps_low=0.2, eps_high=0.28) and a token-level mean over
+    all tokens of the batch, (1/sum_i |o_i|) sum_i sum_t f(rho_it, A_i), no KL; A_i from Eq. 1.
+
+    ``dynamic_sampling=True`` drops groups whose rewards are all equal (DAPO's constraint
+    0 < |{correct}| < G) from the batch, so their tokens do not dilute the token mean. DAPO proper also
+    re-samples to refill the batch: do that upstream with :func:`dapo_dynamic_sampling_filter`, and add
+    :func:`dapo_overlong_penalty` to the rewards for its soft overlong punishment.
+    Normaliser: number of completion tokens kept. Diagnostics: clip_frac, approx_kl.
+    """
+    del progress
+    check_nonnegative("dapo", eps_low=eps_low, eps_high=eps_high)
+    keep_R = None
+    if dynamic_sampling:
+        keep_R = dapo_dynamic_sampling_filter(
+            inputs.rewards, inputs.group_ids, num_groups, rollout_mask=inputs.rollout_mask
+        )
+    return _clipped_objective(
+        inputs, num_groups, eps_low=eps_low, eps_high=eps_high, normalize_std=True, aggregation="token",
+        keep_R=keep_R,
+    )
+
+
+def dapo_dynamic_sampling_filter(rewards, group_ids, num_groups: int, *, rollout_mask=None) -> jax.Array:
+    """DAPO's dynamic sampling (arXiv 2503.14476, Eq. 8 constraint): bool [R], True for real rollouts
+    whose group's rewards are not all equal (so 0 < accuracy < 1 for binary rewards)."""
+    real_R = rollout_validity(rewards, rollout_mask)
+    spread_G = group_max(rewards, real_R, group_ids, num_groups) > group_min(
+        rewards, real_R, group_ids, num_groups
+    )
+    return real_R & spread_G[group_ids]
+
+
+def dapo_overlong_penalty(lengths, *, max_len: int, cache_len: int) -> jax.Array:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13), to be *added* to the rewards.
+
+    0 for |y| <= max_len - cache_len; ((max_len - cache_len) - |y|) / cache_len, falling linearly to -1,
+    inside the cache; -1 beyond max_len. DAPO uses max_len=20480, cache_len=4096.
+    """
+    if not 0 < cache_len <= max_len:
+        raise ValueError(f"dapo_overlong_penalty: need 0 < cache_len <= max_len, got cache_len={cache_len}, "
+                         f"max_len={max_len}")
+    lengths = jnp.asarray(lengths).astype(jnp.result_type(float))
+    expected = max_len - cache_len
+    soft = (expected - lengths) / cache_len
+    return jnp.where(lengths <= expected, 0.0, jnp.where(lengths <= max_len, soft, -1.0))
