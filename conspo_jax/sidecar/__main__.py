@@ -23,6 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="verifier worker processes (0: in-thread)")
     p.add_argument("--chunk-prompts", type=int, default=None, help="prompts per engine call (0: all)")
     p.add_argument("--max-message-mb", type=int, default=None)
+    p.add_argument("--version-wait-s", type=float, default=None, help="wait for min_weight_version this long")
     p.add_argument("--mock-delay-s", type=float, default=0.0, help="mock engine: seconds per generate call")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -34,7 +35,7 @@ def main(argv=None) -> int:
         config = load_config_module(args.config)
     opts = options_from_config(config, port=args.port, host=args.host)
     for field, value in (("weights_dir", args.weights_dir), ("workers", args.workers),
-                         ("chunk_prompts", args.chunk_prompts)):
+                         ("chunk_prompts", args.chunk_prompts), ("version_wait_s", args.version_wait_s)):
         if value is not None:
             setattr(opts, field, value)
     if args.max_message_mb is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import random
 import time
 from typing import Callable, Sequence
@@ -26,7 +27,7 @@ from conspo_jax.rollout.engine import RolloutEngine, Rollouts, SamplingParams
 from conspo_jax.sidecar import codec
 from conspo_jax.sidecar import rollout_pb2 as pb
 from conspo_jax.sidecar import rollout_pb2_grpc as pb_grpc
-from conspo_jax.sidecar.server import DEFAULT_MAX_MESSAGE_BYTES
+from conspo_jax.sidecar.server import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV
 from conspo_jax.sidecar.weights import WeightStore
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,28 @@ class SidecarClient(RolloutEngine):
         self.stats = collections.Counter()
         self.requested: list[list[str]] = []  # prompt ids asked for by each attempt of the last generate
 
+    @classmethod
+    def from_config(cls, config, *, tokenizer=None, policy=None, version: int = 0) -> "SidecarClient":
+        """A client for ``config.rollout.sidecar``; waits (up to ``deadline_s``) for the sidecar to answer.
+
+        With ``policy``, its weights are exported and pushed as ``version`` before returning, so the
+        first rollouts come from the trainer's weights rather than the sidecar's initial checkpoint.
+        The token comes from ``rollout.sidecar.token`` or, preferably, $CONSPO_SIDECAR_TOKEN.
+        """
+        sc = config.rollout.sidecar
+        get = sc.get if hasattr(sc, "get") else (lambda k, d=None: getattr(sc, k, d))
+        client = cls(
+            get("address", "127.0.0.1:50051"), token=get("token", "") or os.environ.get(TOKEN_ENV) or None,
+            verifier=get("verifier", "") or str(getattr(config, "task", "")),
+            weights=WeightStore(get("weights_dir", "") or None), staleness=int(get("max_staleness", 0)),
+            deadline_s=float(get("deadline_s", 600.0)),
+            pad_id=int(tokenizer.pad_token_id) if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+        client.tokenizer = tokenizer
+        client.wait_ready(timeout=client.deadline_s)
+        if policy is not None:
+            client.update_weights(policy, version)
+        return client
+
     # ---- plumbing ----
     def _sleep_backoff(self, attempt: int, deadline: float) -> None:
         wait = min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
@@ -143,16 +166,16 @@ class SidecarClient(RolloutEngine):
                  min_weight_version: int | None = None) -> Rollouts:
         """Samples ``params.n`` completions per prompt on the sidecar; rows are prompt-major.
 
-        answers: per-prompt ground truth, required when the client has a verifier (then ``rewards_R``
-                 is filled), refused otherwise. prompt_ids: unique ids (default: generated).
+        answers: per-prompt ground truth; with a client verifier the sidecar scores every sample and
+                 ``rewards_R`` is filled, without answers ``rewards_R`` is None (the caller verifies).
+        prompt_ids: unique ids (default: generated).
         """
         prompts = [list(p) for p in prompts]
         if not prompts:
             raise ValueError("SidecarClient.generate: prompts is empty")
-        if self.verifier and answers is None:
-            raise ValueError(f"SidecarClient.generate: answers= is required with verifier={self.verifier!r}")
         if not self.verifier and answers is not None:
             raise ValueError("SidecarClient.generate: answers= given but the client has no verifier")
+        verifier = self.verifier if answers is not None else ""
         answers = [str(a) for a in answers] if answers is not None else [""] * len(prompts)
         if len(answers) != len(prompts):
             raise ValueError(f"SidecarClient.generate: {len(answers)} answers for {len(prompts)} prompts")
@@ -171,13 +194,13 @@ class SidecarClient(RolloutEngine):
             self.requested.append(missing)
             request = pb.StreamRolloutsRequest(prompts=[by_id[pid] for pid in missing], n=params.n,
                                                sampling=codec.params_to_proto(params),
-                                               min_weight_version=min_version, verifier=self.verifier)
+                                               min_weight_version=min_version, verifier=verifier)
             stream = None
             try:
                 stream = self._stub.StreamRollouts(request, timeout=self._remaining(deadline, "StreamRollouts"),
                                                    metadata=self._metadata, wait_for_ready=True)
                 for group in stream:
-                    self._consume(group, got, by_id, params.n, min_version)
+                    self._consume(group, got, by_id, params.n, min_version, bool(verifier))
                 if len(got) == len(ids):
                     break
                 last_code, last_error = grpc.StatusCode.ABORTED, f"stream ended with {len(ids) - len(got)} prompts unanswered"
@@ -200,7 +223,7 @@ class SidecarClient(RolloutEngine):
         self.stats["groups"] += len(ids)
         return codec.rollouts_from_groups([got[pid] for pid in ids], params.n, pad_id=self.pad_id)
 
-    def _consume(self, group: pb.Group, got: dict, by_id: dict, n: int, min_version: int) -> None:
+    def _consume(self, group: pb.Group, got: dict, by_id: dict, n: int, min_version: int, verified: bool) -> None:
         pid = group.prompt_id
         if pid in got:
             self.stats["duplicates_dropped"] += 1
@@ -212,7 +235,7 @@ class SidecarClient(RolloutEngine):
         if group.weight_version < min_version:
             raise SidecarError(f"prompt_id={pid!r}: weight_version={group.weight_version} is older than "
                                f"min_weight_version={min_version}")
-        if self.verifier and not all(s.HasField("reward") for s in group.samples):
+        if verified and not all(s.HasField("reward") for s in group.samples):
             raise SidecarError(f"prompt_id={pid!r}: sidecar returned samples without rewards")
         got[pid] = group
         if self.on_group is not None:

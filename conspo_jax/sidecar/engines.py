@@ -89,3 +89,31 @@ def build_engine(name: str, config=None, **overrides) -> EngineHandle:
     if name not in ENGINES:
         raise ValueError(f"unknown sidecar engine {name!r} (expected one of {', '.join(sorted(ENGINES))})")
     return ENGINES[name](config, **overrides)
+
+
+def _build_jax(config, **_):
+    """The embedded JAX sampler over the config's policy; PushWeights reloads with load_hf_policy."""
+    if config is None:
+        raise ValueError("the jax sidecar engine needs the experiment config (--config)")
+    import jax.numpy as jnp
+
+    from conspo_jax.models import load_hf_policy
+    from conspo_jax.rollout.jax_engine import JaxEngine
+    from conspo_jax.train import setup
+
+    tokenizer = setup.build_tokenizer(config)
+    mesh = setup.build_mesh(config)
+    policy = setup.build_policy(config, tokenizer, mesh, seed=config.seed)
+    stop_ids = setup.stop_token_ids(tokenizer, policy.config)
+    engine = JaxEngine(policy, eos_token_ids=stop_ids, pad_id=tokenizer.pad_token_id, mesh=mesh,
+                       prompt_bucket=config.rollout.prompt_bucket)
+    load_opts = dict(dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype), mesh=mesh)
+
+    def load(path, version):
+        engine.update_weights(load_hf_policy(path, **load_opts), version)
+
+    spec = config.tokenizer or ("arith" if config.task == "arith" else config.model.path)
+    return EngineHandle("jax", engine, load, tokenizer=spec)
+
+
+ENGINES["jax"] = _build_jax

@@ -52,7 +52,7 @@ class SidecarOptions:
     chunk_prompts: int = 0  # prompts per engine call; 0 = all of a request in one call
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_n: int = 1024
-    version_wait_s: float = 30.0  # how long a request waits for min_weight_version to arrive
+    version_wait_s: float = 5.0  # how long a request waits for min_weight_version (a push in flight)
     verify_timeout_s: float = 300.0
     rpc_threads: int = 16
 
@@ -364,9 +364,11 @@ def options_from_config(config, *, port=None, host=None) -> SidecarOptions:
     sc = _cfg(config, "rollout.sidecar", {}) or {}
     get = (lambda k, d: sc.get(k, d)) if hasattr(sc, "get") else (lambda k, d: d)
     defaults = SidecarOptions()
-    token = os.environ.get(get("token_env", TOKEN_ENV)) or None
+    token = get("token", "") or os.environ.get(TOKEN_ENV) or None
+    addr_host, _, addr_port = str(get("address", "") or "").rpartition(":")
     return SidecarOptions(
-        host=host or get("host", defaults.host), port=int(port if port is not None else get("port", 0)),
+        host=host or get("host", None) or addr_host or defaults.host,
+        port=int(port if port is not None else get("port", None) or addr_port or 0),
         token=token, weights_dir=get("weights_dir", None) or None, workers=int(get("workers", defaults.workers)),
         chunk_prompts=int(get("chunk_prompts", 0)),
         max_message_bytes=int(get("max_message_mb", defaults.max_message_bytes >> 20)) << 20,
@@ -376,8 +378,8 @@ def options_from_config(config, *, port=None, host=None) -> SidecarOptions:
 def serve_from_cli(config, *, engine_name: str = "jax", port: int | None = None, host: str | None = None) -> None:
     """``conspo sidecar --config ... --engine {jax,sglang} [--port N] [--host H]``: serve until signalled.
 
-    The shared token, if any, comes from the environment variable named by
-    ``config.rollout.sidecar.token_env`` (default CONSPO_SIDECAR_TOKEN), never from the command line.
+    Host and port default to ``config.rollout.sidecar.address``. The shared token, if any, comes from
+    ``rollout.sidecar.token`` or $CONSPO_SIDECAR_TOKEN, never from the command line.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = options_from_config(config, port=port, host=host)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 Verifier = Callable[[str, str], float]
 
 _REGISTRY: dict[str, str] = {
-    "math": "conspo_jax.rewards:math_reward",
+    "math": "conspo_jax.sidecar.verifiers:math_verifier",
     "arith": "conspo_jax.data.arith:arith_reward",
     "exact": "conspo_jax.sidecar.verifiers:exact_match",
 }
@@ -31,6 +31,15 @@ _REGISTRY: dict[str, str] = {
 def exact_match(response: str, answer: str) -> float:
     """1.0 when the stripped response equals the stripped answer (tests, string-answer tasks)."""
     return float(response.strip() == answer.strip())
+
+
+def math_verifier(response: str, answer: str) -> float:
+    """``conspo_jax.rewards.math_reward`` with one hard-timeout subprocess per sidecar worker: the
+    sidecar's worker processes already give the parallelism, so each needs no pool of its own."""
+    from conspo_jax.rewards import default_pool, math_reward
+
+    default_pool(1)
+    return math_reward(response, answer)
 
 
 def register(name: str, target: str | Verifier) -> None:
