@@ -100,6 +100,10 @@ def test_load_records_formats_and_errors(tmp_path):
     c.write_text("problem,answer\nWhat is 2+2?,4\n")
     assert md.load_records(str(c)) == [{"id": "0", "problem": "What is 2+2?", "answer": "4"}]
     assert md.load_benchmark(str(c)) == md.load_records(str(c))  # a path works where a name does
+    assert md.load_dataset_spec(str(c)) == md.load_records(str(c))
+    assert md.load_dataset_spec(str(c.rename(tmp_path / "x.txt")), fmt="csv")[0]["answer"] == "4"
+    with pytest.raises(ValueError, match="dataset 'nope' is neither a known name"):
+        md.load_dataset_spec("nope")
     custom = tmp_path / "y.jsonl"
     custom.write_text(json.dumps({"q": "Z?", "meta": {"gt": "5"}}))
     assert md.load_records(str(custom), problem_field="q", answer_field="meta.gt")[0]["answer"] == "5"

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conspo_jax.data.pipeline import make_prompt_dataset, make_prompt_iterator
+from conspo_jax.data.pipeline import make_prompt_dataset, prompt_batches
 
 RECS = [{"id": str(i), "problem": f"p{i}", "answer": str(i)} for i in range(24)]
 
@@ -14,7 +14,7 @@ def ids(batches):
 
 
 def test_epochs_shuffle_determinism_and_drop_remainder():
-    ds = make_prompt_dataset(RECS, batch_size=6, seed=7, num_epochs=3, shard_index=0, shard_count=1)
+    ds = prompt_batches(RECS, batch_size=6, seed=7, num_epochs=3, shard_index=0, shard_count=1)
     assert len(ds) == 12
     batches = ids(ds)
     assert all(len(b) == 6 for b in batches) and isinstance(ds[0], list) and ds[0][0] in RECS
@@ -24,41 +24,41 @@ def test_epochs_shuffle_determinism_and_drop_remainder():
     assert epochs[0] != epochs[1] != epochs[2] != epochs[0]  # reshuffled every epoch
     assert epochs[0] != [r["id"] for r in RECS]
     # Same seed, same stream; other seed, other stream.
-    assert ids(make_prompt_dataset(RECS, batch_size=6, seed=7, num_epochs=3, shard_index=0, shard_count=1)) == batches
-    assert ids(make_prompt_dataset(RECS, batch_size=6, seed=8, num_epochs=3, shard_index=0, shard_count=1)) != batches
+    assert ids(prompt_batches(RECS, batch_size=6, seed=7, num_epochs=3, shard_index=0, shard_count=1)) == batches
+    assert ids(prompt_batches(RECS, batch_size=6, seed=8, num_epochs=3, shard_index=0, shard_count=1)) != batches
     # No shuffle keeps the file order; drop_remainder drops the short last batch.
-    plain = make_prompt_dataset(RECS, batch_size=5, num_epochs=1, shuffle=False, shard_index=0, shard_count=1)
+    plain = prompt_batches(RECS, batch_size=5, num_epochs=1, shuffle=False, shard_index=0, shard_count=1)
     assert ids(plain) == [[str(i) for i in range(j, j + 5)] for j in range(0, 20, 5)]
-    kept = make_prompt_dataset(RECS, batch_size=5, num_epochs=1, shuffle=False, drop_remainder=False,
+    kept = prompt_batches(RECS, batch_size=5, num_epochs=1, shuffle=False, drop_remainder=False,
                                shard_index=0, shard_count=1)
     assert ids(kept)[-1] == ["20", "21", "22", "23"]
     # Default sharding comes from jax (one process here).
-    assert ids(make_prompt_dataset(RECS, batch_size=6, seed=7, num_epochs=3)) == batches
+    assert ids(prompt_batches(RECS, batch_size=6, seed=7, num_epochs=3)) == batches
 
 
 def test_sharding_partitions_each_global_batch():
-    full = ids(make_prompt_dataset(RECS, batch_size=8, seed=1, num_epochs=2, shard_index=0, shard_count=1))
-    shards = [ids(make_prompt_dataset(RECS, batch_size=8, seed=1, num_epochs=2, shard_index=h, shard_count=4))
+    full = ids(prompt_batches(RECS, batch_size=8, seed=1, num_epochs=2, shard_index=0, shard_count=1))
+    shards = [ids(prompt_batches(RECS, batch_size=8, seed=1, num_epochs=2, shard_index=h, shard_count=4))
               for h in range(4)]
     assert all(len(s) == len(full) == 6 for s in shards)  # every process yields the same number of steps
     for step, global_batch in enumerate(full):
         assert sum((s[step] for s in shards), []) == global_batch
     # Uneven totals still give equal step counts (incomplete global batches are dropped).
-    odd = [len(make_prompt_dataset(RECS[:23], batch_size=4, seed=1, shard_index=h, shard_count=2)) for h in range(2)]
+    odd = [len(prompt_batches(RECS[:23], batch_size=4, seed=1, shard_index=h, shard_count=2)) for h in range(2)]
     assert odd == [5, 5]
 
 
 def test_iterator_state_roundtrip_through_json():
     kw = dict(batch_size=4, seed=3, num_epochs=2, shard_index=0, shard_count=1)
-    it = make_prompt_iterator(RECS, **kw)
+    it = make_prompt_dataset(RECS, **kw)
     first = [next(it) for _ in range(3)]  # k batches
     state = json.loads(json.dumps(it.get_state()))  # must survive JSON (Orbax JsonSave)
     expected = [next(it) for _ in range(5)]  # m more
-    fresh = make_prompt_iterator(RECS, **kw)
+    fresh = make_prompt_dataset(RECS, **kw)
     fresh.set_state(state)
     assert ids(fresh_next := [next(fresh) for _ in range(5)]) == ids(expected)
     assert fresh_next == expected
-    assert ids(first) == ids(make_prompt_dataset(RECS, **kw)[i] for i in range(3))
+    assert ids(first) == ids(prompt_batches(RECS, **kw)[i] for i in range(3))
     # Exhaustion after the last epoch.
     assert len(list(fresh)) == 12 - 8
 
@@ -68,7 +68,7 @@ def test_iterator_state_through_orbax(tmp_path):
     import grain
 
     kw = dict(batch_size=4, seed=5, num_epochs=None, shard_index=0, shard_count=1)
-    it = make_prompt_iterator(RECS, **kw)
+    it = make_prompt_dataset(RECS, **kw)
     for _ in range(7):
         next(it)
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
@@ -77,11 +77,11 @@ def test_iterator_state_through_orbax(tmp_path):
         mngr.wait_until_finished()
     expected = [next(it) for _ in range(3)]
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-        fresh = make_prompt_iterator(RECS, **kw)
+        fresh = make_prompt_dataset(RECS, **kw)
         restored = mngr.restore(7, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh),
                                                            state=ocp.args.JsonRestore()))
     assert [next(restored.data) for _ in range(3)] == expected
-    other = make_prompt_iterator(RECS, **kw)
+    other = make_prompt_dataset(RECS, **kw)
     other.set_state(restored.state)
     assert [next(other) for _ in range(3)] == expected
 
@@ -97,11 +97,11 @@ def test_iterator_state_through_orbax(tmp_path):
 def test_bad_arguments(kwargs, match):
     kwargs = {"shard_index": 0, "shard_count": 1, **kwargs}
     with pytest.raises(ValueError, match=match):
-        make_prompt_dataset(RECS, **kwargs)
+        prompt_batches(RECS, **kwargs)
 
 
 def test_bad_records():
     with pytest.raises(ValueError, match="records is empty"):
-        make_prompt_dataset([], batch_size=1, shard_index=0, shard_count=1)
+        prompt_batches([], batch_size=1, shard_index=0, shard_count=1)
     with pytest.raises(TypeError, match="records must be a sequence of dicts"):
-        make_prompt_dataset("abc", batch_size=1, shard_index=0, shard_count=1)
+        prompt_batches("abc", batch_size=1, shard_index=0, shard_count=1)

@@ -304,3 +304,17 @@ def load_hf(path: str, *, split: str = "test", name: str | None = None, problem_
     rows = list(ds.select(range(min(limit, len(ds))))) if limit is not None else list(ds)
     return [normalize_row(dict(r), i, source=f"hf:{path}:{split}", problem_field=problem_field,
                           answer_field=answer_field) for i, r in enumerate(rows)]
+
+
+def load_dataset_spec(spec: str, *, fmt: str | None = None, data_dir: str | None = None,
+                      limit: int | None = None) -> list[dict]:
+    """What a config's ``data.train`` names: a registry name, a local file (``fmt`` forces its format),
+    or ``hf:<dataset>[:split]``. One clear error for anything else."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
+    if os.path.isfile(spec):
+        return load_records(spec, fmt, limit=limit)
+    if spec.startswith("hf:") or canonical_name(spec) in BENCHMARKS:
+        return load_benchmark(spec, data_dir, limit=limit)
+    raise ValueError(f"dataset {spec!r} is neither a known name ({', '.join(BENCHMARKS)}), an existing file, "
+                     "nor 'hf:<dataset>[:split]'")

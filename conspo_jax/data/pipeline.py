@@ -30,11 +30,10 @@ def _process_defaults(shard_index, shard_count):
     return int(shard_index), int(shard_count)
 
 
-def make_prompt_dataset(records: Sequence[dict], *, batch_size: int, seed: int = 0, num_epochs: int | None = 1,
-                        shard_index: int | None = None, shard_count: int | None = None, shuffle: bool = True,
-                        drop_remainder: bool = True,
-                        batch_fn: Callable[[list], object] = list) -> grain.MapDataset:
-    """Batches of this process's share of ``records`` as a grain ``MapDataset``.
+def prompt_batches(records: Sequence[dict], *, batch_size: int, seed: int = 0, num_epochs: int | None = 1,
+                   shard_index: int | None = None, shard_count: int | None = None, shuffle: bool = True,
+                   drop_remainder: bool = True, batch_fn: Callable[[list], object] = list) -> grain.MapDataset:
+    """Batches of this process's share of ``records`` as a grain ``MapDataset`` (random access, ``len``).
 
     batch_size:   GLOBAL batch size (prompts per step over all processes); each process gets
                   ``batch_size // shard_count`` records per batch.
@@ -75,11 +74,14 @@ def make_prompt_dataset(records: Sequence[dict], *, batch_size: int, seed: int =
     return ds
 
 
-def make_prompt_iterator(records: Sequence[dict], **kwargs) -> grain.DatasetIterator:
-    """``iter()`` of ``make_prompt_dataset(records, **kwargs)`` reading in the calling thread.
+def make_prompt_dataset(records: Sequence[dict], **kwargs) -> grain.DatasetIterator:
+    """The training iterator over ``prompt_batches(records, **kwargs)``: ``next(it)`` is a batch.
 
-    Records are already in memory, so reader threads would only contend for the GIL. The iterator's
-    ``get_state()`` / ``set_state()`` checkpoint its position (see the module docstring).
+    It reads in the calling thread (records are in memory; reader threads would only contend for the
+    GIL). ``it.get_state()`` / ``it.set_state()`` checkpoint its position (see the module docstring).
     """
-    ds = make_prompt_dataset(records, **kwargs)
+    ds = prompt_batches(records, **kwargs)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+make_prompt_iterator = make_prompt_dataset
