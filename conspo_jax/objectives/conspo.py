@@ -22,7 +22,7 @@ from conspo_jax.objectives.registry import (
     check_positive,
     register_objective,
 )
-from conspo_jax.objectives.segments import group_logsumexp, group_sum, mean_over_groups, safe_div
+from conspo_jax.objectives.segments import as_bool, group_logsumexp, group_sum, mean_over_groups, safe_div
 from conspo_jax.objectives.sequences import clipped_ratio_scores, sequence_scores
 
 # Paper Sec. 5.1 / Table 7.
@@ -162,6 +162,11 @@ def _split(inputs: ObjectiveInputs, num_groups: int, reward_threshold: float) ->
     )
 
 
+def _token_mask(inputs: ObjectiveInputs, split: GroupSplit) -> jax.Array:
+    """Completion tokens of real rollouts: padding rollouts may hold junk that must never reach an exp."""
+    return as_bool(inputs.mask) & (split.is_pos_R | split.is_neg_R)[:, None]
+
+
 def _scheduled_margin(name: str, progress, max_margin, warmup_ratio):
     if progress is None:
         raise ValueError(
@@ -186,8 +191,9 @@ def conspo(
     Normaliser: number of valid groups."""
     check_positive("conspo", tau=tau)
     margin = _scheduled_margin("conspo", progress, max_margin, warmup_ratio)
-    scores = sequence_scores(inputs.token_logp, inputs.mask)
-    return infonce(scores, _split(inputs, num_groups, reward_threshold), inputs.group_ids, num_groups,
+    split = _split(inputs, num_groups, reward_threshold)
+    scores = sequence_scores(inputs.token_logp, _token_mask(inputs, split))
+    return infonce(scores, split, inputs.group_ids, num_groups,
                    tau=tau, margin=margin)
 
 
@@ -203,8 +209,9 @@ def conspo_no_margin(
     """Table 6 "w/o scheduled margin": Eq. 10 (m_t = 0). Normaliser: number of valid groups."""
     del progress
     check_positive("conspo_no_margin", tau=tau)
-    scores = sequence_scores(inputs.token_logp, inputs.mask)
-    return infonce(scores, _split(inputs, num_groups, reward_threshold), inputs.group_ids, num_groups,
+    split = _split(inputs, num_groups, reward_threshold)
+    scores = sequence_scores(inputs.token_logp, _token_mask(inputs, split))
+    return infonce(scores, split, inputs.group_ids, num_groups,
                    tau=tau, margin=0.0)
 
 
@@ -223,8 +230,9 @@ def conspo_fixed_margin(
     del progress
     check_positive("conspo_fixed_margin", tau=tau)
     check_nonnegative("conspo_fixed_margin", margin=margin)
-    scores = sequence_scores(inputs.token_logp, inputs.mask)
-    return infonce(scores, _split(inputs, num_groups, reward_threshold), inputs.group_ids, num_groups,
+    split = _split(inputs, num_groups, reward_threshold)
+    scores = sequence_scores(inputs.token_logp, _token_mask(inputs, split))
+    return infonce(scores, split, inputs.group_ids, num_groups,
                    tau=tau, margin=margin)
 
 
@@ -249,7 +257,8 @@ def conspo_no_loglik(
     margin = _scheduled_margin("conspo_no_loglik", progress, max_margin, warmup_ratio)
     split = _split(inputs, num_groups, reward_threshold)
     scores = clipped_ratio_scores(
-        inputs.token_logp, inputs.old_logp, inputs.mask, split.is_pos_R, eps_low=eps_low, eps_high=eps_high
+        inputs.token_logp, inputs.old_logp, _token_mask(inputs, split), split.is_pos_R,
+        eps_low=eps_low, eps_high=eps_high,
     )
     return infonce(scores, split, inputs.group_ids, num_groups, tau=tau, margin=margin)
 
@@ -266,7 +275,7 @@ def conspo_no_contrastive(
     log-likelihood scores. A margin would only shift the value by a constant, so there is none.
     Normaliser: number of valid groups."""
     del progress
-    scores = sequence_scores(inputs.token_logp, inputs.mask)
-    return linear_discriminative(scores, _split(inputs, num_groups, reward_threshold), inputs.group_ids,
-                                 num_groups)
+    split = _split(inputs, num_groups, reward_threshold)
+    scores = sequence_scores(inputs.token_logp, _token_mask(inputs, split))
+    return linear_discriminative(scores, split, inputs.group_ids, num_groups)
 
