@@ -91,13 +91,18 @@ def build_engine(name: str, config=None, **overrides) -> EngineHandle:
     return ENGINES[name](config, **overrides)
 
 
-def _build_jax(config, **_):
-    """The embedded JAX sampler over the config's policy; PushWeights reloads with load_hf_policy."""
+def _build_jax(config, *, cache_dtype=None, **_):
+    """The embedded JAX sampler over the config's policy; PushWeights reloads with load_hf_policy.
+
+    cache_dtype: KV-cache dtype (default: JaxEngine's, as in the trainer's embedded engine); float32
+    with a float32 model makes the sidecar's log-probs match the trainer's to ~1e-6.
+    """
     if config is None:
         raise ValueError("the jax sidecar engine needs the experiment config (--config)")
     import jax.numpy as jnp
+    from flax import nnx
 
-    from conspo_jax.models import load_hf_policy
+    from conspo_jax.models.hf_io import load_hf_policy
     from conspo_jax.rollout.jax_engine import JaxEngine
     from conspo_jax.train import setup
 
@@ -105,15 +110,30 @@ def _build_jax(config, **_):
     mesh = setup.build_mesh(config)
     policy = setup.build_policy(config, tokenizer, mesh, seed=config.seed)
     stop_ids = setup.stop_token_ids(tokenizer, policy.config)
+    extra = {} if cache_dtype is None else {"cache_dtype": cache_dtype}
     engine = JaxEngine(policy, eos_token_ids=stop_ids, pad_id=tokenizer.pad_token_id, mesh=mesh,
-                       prompt_bucket=config.rollout.prompt_bucket)
+                       prompt_bucket=config.rollout.prompt_bucket, **extra)
     load_opts = dict(dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype), mesh=mesh)
 
     def load(path, version):
-        engine.update_weights(load_hf_policy(path, **load_opts), version)
+        new = load_hf_policy(path, **load_opts)
+        _, state = nnx.split(new)
+        if _layout(state) == _layout(engine.state):
+            # Same architecture (the graphdefs differ only in checkpoint metadata such as torch_dtype):
+            # swap the arrays and keep the compiled decode loop instead of recompiling on every push.
+            engine.set_state(state, version)
+        else:
+            engine.update_weights(new, version)
 
     spec = config.tokenizer or ("arith" if config.task == "arith" else config.model.path)
     return EngineHandle("jax", engine, load, tokenizer=spec)
+
+
+def _layout(state):
+    import jax
+
+    leaves, treedef = jax.tree.flatten(state)
+    return treedef, [(x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves]
 
 
 ENGINES["jax"] = _build_jax

@@ -70,10 +70,12 @@ class WeightStore:
 
     def export(self, policy, version: int) -> str:
         """Writes ``policy`` as HF safetensors into ``path_for(version)`` atomically; returns that path."""
-        saver = self._saver
-        if saver is None:
-            from conspo_jax.models import save_hf_policy as saver
         final = self.path_for(version)
+        if self._saver is None:  # save_hf_policy writes to a temporary and renames it into place itself
+            from conspo_jax.models.hf_io import save_hf_policy
+
+            return save_hf_policy(policy, final)
+        saver = self._saver
         tmp = tempfile.mkdtemp(prefix=f".tmp-{version_dirname(version)}-", dir=self.root)
         try:
             saver(policy, tmp)
@@ -96,7 +98,7 @@ class WeightStore:
             tmp = os.path.join(self.root, name)
             # A temporary older than a minute belongs to a crashed export, not a running one.
             try:
-                if name.startswith(".tmp-v") and time.time() - os.path.getmtime(tmp) > 60:
+                if name.startswith((".tmp-v", ".old-v")) and time.time() - os.path.getmtime(tmp) > 60:
                     shutil.rmtree(tmp, ignore_errors=True)
             except FileNotFoundError:
                 pass
