@@ -6,6 +6,7 @@ ones 0, so every check below can tell whose group a reward belongs to.
 """
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -18,7 +19,6 @@ import portpicker
 import pytest
 
 from conspo_jax.rollout.engine import SamplingParams
-from conspo_jax.sidecar import rollout_pb2 as pb
 from conspo_jax.sidecar import verifiers
 from conspo_jax.sidecar.client import SidecarClient, SidecarError
 from conspo_jax.sidecar.engines import build_engine
@@ -179,8 +179,11 @@ def _start_sidecar(port, weights_dir):
         [sys.executable, "-m", "conspo_jax.sidecar", "--engine", "mock", "--port", str(port), "--weights-dir",
          weights_dir, "--workers", "0", "--chunk-prompts", "1", "--mock-delay-s", "0.05", "--version-wait-s", "0.2"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()  # bounded: the process prints READY or exits
-    assert line.startswith("SIDECAR READY"), line
+    ready, _, _ = select.select([proc.stdout], [], [], 60.0)  # never wait forever on a hung start
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("SIDECAR READY"):
+        proc.kill()
+        pytest.fail(f"sidecar did not start (exit code {proc.poll()}): {line!r}")
     return proc
 
 
