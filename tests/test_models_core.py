@@ -1,6 +1,8 @@
 """Core behaviour of the policy model: log-probs under jit/grad, KV-cache decode vs full forward,
 packing, the right-aligned (cuDNN-layout) path, config validation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from conspo_jax.models import (ModelConfig, forward_cached, get_model_config, hi
 from conspo_jax.models import logprobs as lp_mod
 
 VOCAB = 384
+# Correctness-only compiles: skip XLA's backend optimisation (halves CPU compile time).
+FAST = dict(compiler_options={"xla_backend_optimization_level": 0})
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +25,18 @@ def model():
   return init_policy(get_model_config("tiny-qwen2"), seed=1, dtype=jnp.float32, logprob_chunk=8)
 
 
+B, T = 4, 14
+_lp = jax.jit(token_logprobs, **FAST)
+
+
 @pytest.fixture(scope="module")
 def batch():
+  """Row 0: tokens X left-padded by 4; row 1: the same X right-padded; rows 2-3: other layouts."""
   rng = np.random.default_rng(0)
-  ids = rng.integers(3, VOCAB, (3, 14)).astype(np.int32)
-  mask = np.ones((3, 14), bool)
-  mask[0, :4] = False   # left-padded prompt
-  mask[1, -3:] = False  # right-padded response
+  ids = rng.integers(3, VOCAB, (B, T)).astype(np.int32)
+  mask = np.ones((B, T), bool)
+  mask[0, :4] = False
+  ids[1, :10], mask[1, 10:] = ids[0, 4:], False
   mask[2, :2] = False
   mask[2, -2:] = False
   ids[~mask] = 0
@@ -46,69 +55,65 @@ def _reference_logprobs(model, ids, mask):
   return jnp.where(mask[:, 1:] & mask[:, :-1], out, 0.0)
 
 
-def test_chunked_logprobs_match_reference_and_mask_padding(model, batch):
+def test_chunked_logprobs_match_reference_and_padding_is_invisible(model, batch):
   ids, mask = batch
-  got = np.asarray(jax.jit(token_logprobs)(model, ids, mask))
-  want = np.asarray(_reference_logprobs(model, ids, mask))
-  assert got.shape == (3, 13) and got.dtype == np.float32
+  got = np.asarray(_lp(model, ids, mask))
+  want = np.asarray(jax.jit(_reference_logprobs, **FAST)(model, ids, mask))
+  assert got.shape == (B, T - 1) and got.dtype == np.float32
   np.testing.assert_allclose(got, want, atol=1e-5)
   valid = np.asarray(mask[:, 1:] & mask[:, :-1])
   assert np.all(got[~valid] == 0) and np.all(got[valid] < 0)
-
-
-def test_left_padding_does_not_change_logprobs(model, batch):
-  ids, mask = batch
-  row = ids[0:1, 4:]  # the same tokens without the 4 padding slots
-  got = jax.jit(token_logprobs)(model, ids, mask)[0, 4:]
-  alone = token_logprobs(model, row, jnp.ones_like(row, bool))[0]
-  np.testing.assert_allclose(np.asarray(got), np.asarray(alone), atol=1e-5)
+  # Left padding (row 0) gives the same log-probs as right padding (row 1) of the same tokens.
+  np.testing.assert_allclose(got[0, 4:], got[1, :9], atol=1e-5)
 
 
 def test_right_aligned_path_equals_masked_path(model, batch):
   ids, mask = batch
   pos = mask_positions(mask)
-  got = jax.jit(lp_mod._logprobs_right_aligned)(model, ids, mask, pos)
+  got = jax.jit(lp_mod._logprobs_right_aligned, **FAST)(model, ids, mask, pos)
   valid = mask[:, 1:] & mask[:, :-1]
-  want = token_logprobs(model, ids, mask)
+  want = _lp(model, ids, mask)
   np.testing.assert_allclose(np.asarray(jnp.where(valid, got, 0)), np.asarray(want), atol=1e-5)
 
 
 def test_packed_rows_equal_unpacked(model):
+  """Row 0 packs sequences a and b; rows 1 and 2 hold a and b alone (one segment each)."""
   rng = np.random.default_rng(1)
   a, b = rng.integers(3, VOCAB, 6), rng.integers(3, VOCAB, 5)
-  packed = np.zeros((1, 14), np.int32)
-  seg = np.zeros((1, 14), np.int32)
-  packed[0, :6], seg[0, :6] = a, 1
-  packed[0, 6:11], seg[0, 6:11] = b, 2
-  got = np.asarray(token_logprobs(model, jnp.asarray(packed), jnp.asarray(seg > 0),
-                                  segment_ids=jnp.asarray(seg)))[0]
-  la = np.asarray(token_logprobs(model, jnp.asarray(a[None]), jnp.ones((1, 6), bool)))[0]
-  lb = np.asarray(token_logprobs(model, jnp.asarray(b[None]), jnp.ones((1, 5), bool)))[0]
-  np.testing.assert_allclose(got[:5], la, atol=1e-5)
-  assert got[5] == 0  # prediction across the segment boundary
-  np.testing.assert_allclose(got[6:10], lb, atol=1e-5)
-  assert np.all(got[10:] == 0)
+  ids = np.zeros((B, T), np.int32)
+  seg = np.zeros((B, T), np.int32)
+  ids[0, :6], seg[0, :6] = a, 1
+  ids[0, 6:11], seg[0, 6:11] = b, 2
+  ids[1, :6], seg[1, :6] = a, 1
+  ids[2, :5], seg[2, :5] = b, 1
+  seg_j = jnp.asarray(seg)
+  got = np.asarray(jax.jit(token_logprobs, **FAST)(model, jnp.asarray(ids), seg_j > 0,
+                                                  segment_ids=seg_j))
+  np.testing.assert_allclose(got[0, :5], got[1, :5], atol=1e-5)
+  assert got[0, 5] == 0  # no prediction across the segment boundary
+  np.testing.assert_allclose(got[0, 6:10], got[2, :4], atol=1e-5)
+  assert np.all(got[0, 10:] == 0) and np.all(got[0, :5] < 0)
 
 
 def test_jit_over_split_state_and_gradients_flow(model, batch):
   ids, mask = batch
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  @jax.jit
   def loss(params, rest, ids, mask):
     m = nnx.merge(graphdef, params, rest)
     logp = token_logprobs(m, ids, mask)
     n = jnp.maximum((mask[:, 1:] & mask[:, :-1]).sum(1), 1)
     return -(logp.sum(1) / n).mean()
 
-  value, grads = jax.value_and_grad(loss)(params, rest, ids, mask)
+  value_and_grad = jax.jit(jax.value_and_grad(loss), **FAST)
+  value, grads = value_and_grad(params, rest, ids, mask)
   assert np.isfinite(value)
   leaves = jax.tree.leaves(grads)
   assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
   assert all(float(jnp.abs(g).max()) > 0 for g in leaves)
   # A small step along -grad lowers the loss: the gradient is the real one.
   stepped = jax.tree.map(lambda p, g: p - 1e-2 * g, params, grads)
-  assert loss(stepped, rest, ids, mask) < value
+  assert value_and_grad(stepped, rest, ids, mask)[0] < value
 
 
 def test_kv_cache_prefill_then_decode_matches_full_forward(model):
@@ -120,21 +125,28 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(model):
   ids[~mask] = 0
   ids, mask = jnp.asarray(ids), jnp.asarray(mask)
   pos = mask_positions(mask)
-  full = np.asarray(policy_logits(model, hidden_states(
-      model, ids, pos, mask=(jnp.tril(jnp.ones((prompt + new,) * 2, bool))[None]
-                             & mask[:, None, :] | jnp.eye(prompt + new, dtype=bool))[:, None])))
+  n = prompt + new
+  full = np.asarray(jax.jit(lambda m: policy_logits(m, hidden_states(
+      m, ids, pos, mask=(jnp.tril(jnp.ones((n, n), bool))[None] & mask[:, None, :]
+                         | jnp.eye(n, dtype=bool))[:, None])), **FAST)(model))
 
-  step = jax.jit(forward_cached)
+  @functools.partial(jax.jit, **FAST)
+  def step(model, ids, pos, cache, start, kv_mask):
+    h, cache = forward_cached(model, ids, pos, cache, start, kv_mask)
+    return policy_logits(model, h), cache
+
   cache = init_kv_cache(model.config, b, s, dtype=jnp.float32)
-  kv_mask = jnp.zeros((b, s), bool).at[:, :prompt].set(mask[:, :prompt])
-  h, cache = step(model, ids[:, :prompt], pos[:, :prompt], cache, 0, kv_mask)
-  logits = np.asarray(policy_logits(model, h))
+  kv_mask = np.zeros((b, s), bool)
+  kv_mask[:, :prompt] = mask[:, :prompt]
+  logits, cache = step(model, ids[:, :prompt], pos[:, :prompt], cache, jnp.int32(0),
+                       jnp.asarray(kv_mask))
   real = np.asarray(mask[:, :prompt])
-  np.testing.assert_allclose(logits[real], full[:, :prompt][real], atol=2e-5)
-  for t in range(prompt, prompt + new):
-    kv_mask = kv_mask.at[:, t].set(True)
-    h, cache = step(model, ids[:, t:t + 1], pos[:, t:t + 1], cache, jnp.int32(t), kv_mask)
-    np.testing.assert_allclose(np.asarray(policy_logits(model, h))[:, 0], full[:, t], atol=2e-5)
+  np.testing.assert_allclose(np.asarray(logits)[real], full[:, :prompt][real], atol=2e-5)
+  for t in range(prompt, n):
+    kv_mask[:, t] = True
+    logits, cache = step(model, ids[:, t:t + 1], pos[:, t:t + 1], cache, jnp.int32(t),
+                         jnp.asarray(kv_mask))
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=2e-5)
   assert cache.k.shape == (2, b, s, 2, 16)
   assert float(jnp.abs(cache.k[:, :, prompt + new:]).max()) == 0  # untouched slots stay empty
 

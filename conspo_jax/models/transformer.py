@@ -7,6 +7,7 @@ carries `logical_axes` metadata that `sharding.state_shardings` turns into Named
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -43,24 +44,59 @@ def layer_param_specs(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[
   return specs
 
 
-def _param(rngs: nnx.Rngs, shape, axes, init: str, dtype, std: float) -> nnx.Param:
-  if init == "ones":
-    value = jnp.ones(shape, dtype)
-  elif init == "zeros":
-    value = jnp.zeros(shape, dtype)
-  else:
-    value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+# Below this many random weights, all of them come from ONE normal draw that is then sliced: XLA's
+# CPU compile time grows with every RNG op (~1 s each on a busy CPU), while a model this small costs
+# nothing extra to materialise flat. Larger models draw per weight to avoid the transient copy.
+_FLAT_INIT_MAX = 1 << 26
+
+
+class _Init:
+  """Produces initial values for a list of weight specs from one `nnx.Rngs` stream."""
+
+  def __init__(self, rngs: nnx.Rngs, specs, std: float, dtype):
+    self.std, self.dtype = std, dtype
+    sizes = [math.prod(shape) for shape, init in specs if init == "normal"]
+    self.flat = None
+    if sum(sizes) <= _FLAT_INIT_MAX:
+      self.flat = std * jax.random.normal(rngs.params(), (sum(sizes),), jnp.float32)
+      self.offset = 0
+    self.rngs = rngs
+
+  def __call__(self, shape, init: str):
+    if init == "ones":
+      return jnp.ones(shape, self.dtype)
+    if init == "zeros":
+      return jnp.zeros(shape, self.dtype)
+    if self.flat is None:
+      return (self.std * jax.random.normal(self.rngs.params(), shape, jnp.float32)).astype(self.dtype)
+    n = math.prod(shape)
+    out = self.flat[self.offset:self.offset + n].reshape(shape).astype(self.dtype)
+    self.offset += n
+    return out
+
+
+def _param(value, axes) -> nnx.Param:
   # eager_sharding=False: placement comes from `state_shardings` at jit time, not at construction.
   return nnx.Param(value, logical_axes=tuple(axes), eager_sharding=False)
+
+
+def _all_specs(c: ModelConfig):
+  """(owner, name, shape, logical axes, init) of every weight, in creation order."""
+  out = [("model", "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal")]
+  for name, (shape, axes, init) in layer_param_specs(c).items():
+    out.append(("layers", name, (c.num_layers, *shape), ("layers", *axes), init))
+  out.append(("model", "final_norm", (c.hidden_size,), ("norm",), "ones"))
+  if not c.tie_word_embeddings:
+    out.append(("model", "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal"))
+  return out
 
 
 class Layers(nnx.Module):
   """All decoder layers' weights, each an nnx.Param of shape [L, ...]."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
-    for name, (shape, axes, init) in layer_param_specs(config).items():
-      setattr(self, name, _param(rngs, (config.num_layers, *shape), ("layers", *axes), init,
-                                 param_dtype, config.initializer_range))
+  def __init__(self, values: dict[str, nnx.Param]):
+    for name, param in values.items():
+      setattr(self, name, param)
 
   def arrays(self) -> dict[str, jax.Array]:
     return {name: getattr(self, name)[...] for name in vars(self) if
@@ -86,14 +122,17 @@ class Transformer(nnx.Module):
     self.logprob_chunk = int(logprob_chunk)
     self.attn_impl = attn_impl
     self.mesh = mesh
-    c = config
-    self.embed = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal",
-                        param_dtype, c.initializer_range)
-    self.layers = Layers(c, rngs=rngs, param_dtype=param_dtype)
-    self.final_norm = _param(rngs, (c.hidden_size,), ("norm",), "ones", param_dtype, 0.0)
-    if not c.tie_word_embeddings:
-      self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal",
-                            param_dtype, c.initializer_range)
+    specs = _all_specs(config)
+    make = _Init(rngs, [(shape, init) for _, _, shape, _, init in specs], config.initializer_range,
+                 param_dtype)
+    layer_params = {}
+    for owner, name, shape, axes, init in specs:
+      param = _param(make(shape, init), axes)
+      if owner == "layers":
+        layer_params[name] = param
+      else:
+        setattr(self, name, param)
+    self.layers = Layers(layer_params)
 
   # ------------------------------------------------------------------ helpers used by all paths
   def resolved_attn_impl(self) -> str:
