@@ -212,7 +212,7 @@ def run_eval_command(config, *, checkpoint: str | None = None, hf: str | None = 
             raise UsageError(f"--hf: no such checkpoint directory {hf!r}")
         from transformers import AutoTokenizer
 
-        from conspo_jax.models import load_hf_policy
+        from conspo_jax.models.hf_io import load_hf_policy
 
         tokenizer = AutoTokenizer.from_pretrained(hf)
         policy = load_hf_policy(hf, dtype=setup._DTYPES[config.model.dtype], mesh=mesh)

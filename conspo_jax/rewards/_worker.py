@@ -1,8 +1,10 @@
 """A verifier worker: ``python -m conspo_jax.rewards._worker --mem-mb N``, driven by ``RewardPool``.
 
 Protocol (JSON lines): after warming up it writes ``{"ready": pid}``; then for every request
-``{"i": id, "p": pred, "g": gold}`` on stdin it writes ``{"i": id, "ok": 0|1}`` (plus ``"err"`` when
-math-verify raised). It exits on EOF, so it never outlives a parent that died without closing it.
+``{"i": id, "p": pred, "g": gold, "t": cpu_budget_s}`` on stdin it writes
+``{"i": id, "ok": 0|1, "cpu": seconds}`` plus ``"timeout": 1`` when the task used up its CPU budget or
+``"err": name`` when math-verify raised. It exits on EOF, so it never outlives a parent that died
+without closing it.
 
 Limits that hold even if the parent is gone: an address-space cap (a 9^9^9^9-style blow-up fails with
 MemoryError instead of swapping the machine) and a CPU-time cap re-armed before every task (a task
@@ -17,6 +19,7 @@ import os
 import resource
 import signal
 import sys
+import time
 
 _TASK_CPU_BUDGET_S = 30
 
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
 
     from math_verify.errors import TimeoutException  # a BaseException, so named explicitly
 
-    from conspo_jax.rewards.verify import verify_answer, warm_up
+    from conspo_jax.rewards.verify import CpuBudgetExceeded, cpu_limit, verify_answer, warm_up
 
     warm_up()
     proto.write(json.dumps({"ready": os.getpid()}) + "\n")
@@ -56,10 +59,15 @@ def main(argv=None) -> int:
         req = json.loads(line)
         _arm_cpu_limit()
         reply = {"i": req["i"], "ok": 0}
+        t0 = time.process_time()
         try:
-            reply["ok"] = int(verify_answer(req["p"], req["g"]))
+            with cpu_limit(float(req.get("t", 1.0))):
+                reply["ok"] = int(verify_answer(req["p"], req["g"]))
+        except CpuBudgetExceeded:
+            reply["timeout"] = 1
         except (Exception, TimeoutException) as e:  # noqa: BLE001 - any failure scores 0
             reply["err"] = type(e).__name__
+        reply["cpu"] = round(time.process_time() - t0, 4)
         proto.write(json.dumps(reply) + "\n")
     return 0
 

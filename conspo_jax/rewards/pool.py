@@ -10,6 +10,13 @@ re-import the caller's ``__main__`` and never inherit a forked JAX runtime.
 
 The parent does the cheap part itself (``extract.py``): extraction of the last box, size bounds, exact
 and integer matches. Only the bounded remainder crosses the pipe.
+
+The time limit ``timeout_s`` (default 1.5 s) holds in two layers. The worker stops a task itself after
+0.85 x timeout_s of CPU time (a CPU timer, so no restart is needed); the parent SIGKILLs a worker still
+busy at timeout_s of wall time (work stuck in C code). On an idle machine a pathological answer thus
+costs at most timeout_s. On a machine whose CPUs other processes hog, a worker that has had less than
+half of the elapsed time as CPU is starved, not stuck: it keeps running up to ``max_wall_s`` (default
+4 x timeout_s) so that a correct answer is not scored 0 just because the machine was busy.
 """
 
 from __future__ import annotations
@@ -32,6 +39,17 @@ import numpy as np
 from conspo_jax.rewards import extract as ex
 
 DEFAULT_TIMEOUT_S = 1.5
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc); None where that is unavailable."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15)
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +59,7 @@ class Verdict:
     score: float
     extracted: str | None
     reason: str
+    cpu_s: float | None = None  # worker CPU seconds spent on it (None: decided in the parent)
 
 
 def default_num_workers() -> int:
@@ -63,11 +82,29 @@ class _Worker:
         self.ready = False
         self.task: int | None = None
         self.deadline = 0.0
+        self.sent = self.last_chance = 0.0
+        self.cpu_at_send: float | None = None
 
-    def send(self, task_id: int, pred: str, gold: str, timeout_s: float) -> None:
-        self.proc.stdin.write((json.dumps({"i": task_id, "p": pred, "g": gold}) + "\n").encode())
+    def send(self, task_id: int, pred: str, gold: str, timeout_s: float, max_wall_s: float) -> None:
+        # The worker stops itself after ~85% of the limit in CPU, before the parent's wall-clock kill
+        # would cost a process restart.
+        msg = {"i": task_id, "p": pred, "g": gold, "t": round(0.85 * timeout_s, 3)}
+        self.proc.stdin.write((json.dumps(msg) + "\n").encode())
         self.proc.stdin.flush()
-        self.task, self.deadline = task_id, time.monotonic() + timeout_s
+        self.task = task_id
+        self.sent = time.monotonic()
+        self.deadline = self.sent + timeout_s
+        self.last_chance = self.sent + max(timeout_s, max_wall_s)
+        self.cpu_at_send = _cpu_seconds(self.proc.pid)
+
+    def task_cpu(self) -> float | None:
+        cpu = _cpu_seconds(self.proc.pid)
+        return None if cpu is None or self.cpu_at_send is None else cpu - self.cpu_at_send
+
+    def starved(self, now: float) -> bool:
+        """True if the task has had less than half of the elapsed wall time as CPU (machine busy)."""
+        used = self.task_cpu()
+        return used is not None and used < 0.5 * (now - self.sent)
 
     def read_messages(self) -> tuple[list[dict], bool]:
         """Messages available now, and whether the worker's stdout hit EOF (it died)."""
@@ -117,14 +154,16 @@ class RewardPool:
     import sympy), so build the pool before the first rollout to hide that.
 
     num_workers:      verifier processes (default: cores - 1, between 1 and 8).
-    timeout_s:        hard wall-clock limit per verification once a worker has it.
+    timeout_s:        limit per verification once a worker has it (CPU-time in the worker, wall-clock
+                      in the parent; see the module docstring).
+    max_wall_s:       the limit for a worker starved of CPU by other processes (default 4 x timeout_s).
     memory_limit_mb:  address-space cap of each worker.
     start_timeout_s:  how long to wait for a first worker to come up before raising.
     """
 
     def __init__(self, num_workers: int | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  memory_limit_mb: int = 2048, start_timeout_s: float = 120.0,
-                 max_answer_chars: int = ex.MAX_ANSWER_CHARS):
+                 max_answer_chars: int = ex.MAX_ANSWER_CHARS, max_wall_s: float | None = None):
         num_workers = default_num_workers() if num_workers is None else num_workers
         if int(num_workers) < 1:
             raise ValueError(f"RewardPool: num_workers must be >= 1, got {num_workers}")
@@ -133,6 +172,7 @@ class RewardPool:
         self.num_workers, self.timeout_s = int(num_workers), float(timeout_s)
         self.memory_limit_mb, self.start_timeout_s = int(memory_limit_mb), float(start_timeout_s)
         self.max_answer_chars = int(max_answer_chars)
+        self.max_wall_s = None if max_wall_s is None else float(max_wall_s)
         self._owner = os.getpid()
         self._lock = threading.Lock()
         self._closed = False
@@ -243,7 +283,8 @@ class RewardPool:
                 if todo and w.ready and w.task is None:
                     i, pred, gold = todo.popleft()
                     try:
-                        w.send(i, pred, gold, timeout_s)
+                        w.send(i, pred, gold, timeout_s,
+                               4 * timeout_s if self.max_wall_s is None else self.max_wall_s)
                         inflight[i] = w
                     except (BrokenPipeError, OSError):  # died between tasks: not this task's fault
                         todo.appendleft((i, pred, gold))
@@ -260,8 +301,10 @@ class RewardPool:
             self._pump(inflight, verdicts, extracted, wait)
             now = time.monotonic()
             for i, w in list(inflight.items()):
-                if now >= w.deadline:
-                    verdicts[i] = Verdict(0.0, extracted[i], ex.TIMEOUT)
+                if now >= w.deadline and now < w.last_chance and w.starved(now):
+                    w.deadline = min(now + 0.1, w.last_chance)  # busy machine: look again soon
+                elif now >= w.deadline:
+                    verdicts[i] = Verdict(0.0, extracted[i], ex.TIMEOUT, w.task_cpu())
                     del inflight[i]
                     self.num_timeouts += 1
                     self._drop(w)
@@ -284,7 +327,9 @@ class RewardPool:
                     self._start_failures = 0
                 elif m.get("i") == w.task and w.task in inflight:
                     i = w.task
-                    verdicts[i] = Verdict(float(m["ok"]), extracted[i], ex.ERROR if "err" in m else ex.PARSED)
+                    reason = ex.TIMEOUT if m.get("timeout") else ex.ERROR if "err" in m else ex.PARSED
+                    verdicts[i] = Verdict(float(m["ok"]), extracted[i], reason, m.get("cpu"))
+                    self.num_timeouts += reason == ex.TIMEOUT
                     del inflight[i]
                     w.task = None
             if eof:  # crashed (e.g. killed by the CPU cap): its task, if any, scores 0
