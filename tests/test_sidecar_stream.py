@@ -8,6 +8,7 @@ ones 0, so every check below can tell whose group a reward belongs to.
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,6 @@ import time
 
 import grpc
 import numpy as np
-import portpicker
 import pytest
 
 from conspo_jax.rollout.engine import SamplingParams
@@ -173,6 +173,12 @@ def test_staleness_bound_and_waiting_for_a_push(tmp_path):
         srv.stop(grace=0)
 
 
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _start_sidecar(port, weights_dir):
     env = dict(os.environ, CONSPO_SIDECAR_TOKEN="s3cret", JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
@@ -191,7 +197,7 @@ def test_client_survives_a_sidecar_restart_mid_stream(tmp_path):
     """Kill the sidecar (SIGKILL) after 5 groups and start a new one on the same port: the client
     reconnects, re-pushes its weights (the new sidecar starts at version 0) and asks only for the
     prompts it has not consumed. No group is lost or duplicated."""
-    port = portpicker.pick_unused_port()
+    port = _free_port()
     weights = str(tmp_path)
     os.mkdir(os.path.join(weights, "v000002"))
     procs = [_start_sidecar(port, weights)]

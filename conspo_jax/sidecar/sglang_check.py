@@ -70,10 +70,12 @@ def _start_sidecar(engine, config_path, port, weights_dir, token, timeout_s):
            "--port", str(port), "--weights-dir", weights_dir, "--workers", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
     ready = threading.Event()
+    target = []
 
     def watch():
         for line in proc.stdout:  # the sidecar's own logs go to stderr, untouched
             if line.startswith("SIDECAR READY"):
+                target.append(line.split()[-1])  # host:port, the real port when asked for 0
                 ready.set()
 
     threading.Thread(target=watch, daemon=True).start()
@@ -84,7 +86,7 @@ def _start_sidecar(engine, config_path, port, weights_dir, token, timeout_s):
         if time.monotonic() > deadline:
             _stop(proc)
             raise RuntimeError(f"sidecar did not start within {timeout_s}s: {' '.join(cmd)}")
-    return proc
+    return proc, target[0]
 
 
 def _stop(proc):
@@ -136,10 +138,10 @@ def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: fl
     out = {"engine": engine, "sglang_kwargs": sglang_kwargs}
 
     t0 = time.perf_counter()
-    proc = _start_sidecar(engine, config_path, port, weights_dir, token, start_timeout_s)
+    proc, target = _start_sidecar(engine, config_path, port, weights_dir, token, start_timeout_s)
     out["startup_s"] = round(time.perf_counter() - t0, 2)
     try:
-        with SidecarClient(f"127.0.0.1:{port}", token=token, verifier="arith", weights=weights_dir,
+        with SidecarClient(target, token=token, verifier="arith", weights=weights_dir,
                            deadline_s=600) as client:
             t0 = time.perf_counter()
             ro = client.generate(prompts, params, answers=answers)
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m conspo_jax.sidecar.sglang_check", description=__doc__.splitlines()[0])
     p.add_argument("--engine", default="sglang", choices=["sglang", "jax"])
     p.add_argument("--workdir", default=None, help="where checkpoints and weights go (default: a temp dir)")
-    p.add_argument("--port", type=int, default=0, help="0: pick a free port")
+    p.add_argument("--port", type=int, default=0, help="sidecar port; 0 picks a free one")
     p.add_argument("--sglang-kwargs", default='{"mem_fraction_static": 0.2, "disable_cuda_graph": true}',
                    help="JSON forwarded to sglang.Engine")
     p.add_argument("--tolerance", type=float, default=None,
@@ -187,14 +189,9 @@ def main(argv=None) -> int:
                         "whose sampler keeps a bf16 KV cache)")
     p.add_argument("--start-timeout-s", type=float, default=900.0)
     args = p.parse_args(argv)
-    port = args.port
-    if not port:
-        import portpicker
-
-        port = portpicker.pick_unused_port()
     tolerance = args.tolerance if args.tolerance is not None else (0.05 if args.engine == "sglang" else 1e-3)
     with tempfile.TemporaryDirectory(prefix="conspo-sidecar-check-") as tmp:
-        result = run(args.engine, args.workdir or tmp, port, json.loads(args.sglang_kwargs), tolerance,
+        result = run(args.engine, args.workdir or tmp, args.port, json.loads(args.sglang_kwargs), tolerance,
                      args.start_timeout_s)
     print(json.dumps(result, sort_keys=True))
     return 0
