@@ -33,7 +33,7 @@ CASES = [
     ("dr_grpo", {}),
     ("dr_grpo", {"length_normalizer": 16.0}),
     ("disco", {}),
-    ("disco", {"score": "Lratio", "kl_estimator": "k3", "beta": 10.0, "delta": 0.01}),
+    ("disco", {"score": "Lratio", "tau": 1.0, "kl_estimator": "k3", "beta": 10.0, "delta": 0.01}),
     ("disco", {"kl_scope": "batch", "beta": 10.0, "delta": 0.01}),
     ("gmpo", {}),
     ("gmpo", {"eps_low": 0.1, "eps_high": 0.2}),
@@ -170,8 +170,8 @@ def ref_grpo(b, eps_low=0.2, eps_high=0.2, beta=0.0):
     return total / len(groups)
 
 
-def ref_dr_grpo(b, eps_low=0.2, eps_high=0.2, length_normalizer=None):
-    big_l = T if length_normalizer is None else length_normalizer
+def ref_dr_grpo(b, eps_low=0.2, eps_high=0.2, length_normalizer=0.0):
+    big_l = length_normalizer or T
     groups = _groups(b)
     total = 0.0
     for idx in groups.values():
@@ -212,8 +212,8 @@ def ref_gmpo(b, eps_low=0.4, eps_high=0.4):
     return total / len(groups)
 
 
-def ref_cispo(b, eps_low=None, eps_high=0.28):
-    lo = 0.0 if eps_low is None else 1 - eps_low
+def ref_cispo(b, eps_low=1.0, eps_high=0.28):
+    lo = max(1 - eps_low, 0.0)
     num, den = 0.0, 0
     for idx in _groups(b).values():
         adv = _adv(b, idx)
@@ -254,8 +254,7 @@ def ref_gspo(b, eps_low=3e-4, eps_high=4e-4):
     return total / len(groups)
 
 
-def ref_disco(b, score="logL", tau=None, delta=1e-4, beta=1e3, kl_estimator="k1", kl_scope="group"):
-    tau = (10.0 if score == "logL" else 1.0) if tau is None else tau
+def ref_disco(b, score="logL", tau=10.0, delta=1e-4, beta=1e3, kl_estimator="k1", kl_scope="group"):
 
     def s(i):
         ts = _toks(b, i)
@@ -311,10 +310,10 @@ def reference(name, b, hp):
     return fns[name](b, **hp)
 
 
-def ref_cispo_grad(b, eps_low=None, eps_high=0.28):
+def ref_cispo_grad(b, eps_low=1.0, eps_high=0.28):
     """CISPO's weight is stop-gradient by definition, so finite differences of its value cannot give
     its gradient: d/d logp_it = w_it A_i / (number of tokens)."""
-    lo = 0.0 if eps_low is None else 1 - eps_low
+    lo = max(1 - eps_low, 0.0)
     grad = np.zeros((R, T))
     n_tok = sum(len(_toks(b, i)) for idx in _groups(b).values() for i in idx)
     for idx in _groups(b).values():

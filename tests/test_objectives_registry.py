@@ -53,7 +53,11 @@ def test_paper_defaults():
     assert get_objective("gmpo").defaults == dict(eps_low=0.4, eps_high=0.4)
     assert get_objective("sapo").defaults == dict(tau_pos=1.0, tau_neg=1.05)
     disco = get_objective("disco").defaults
-    assert (disco["delta"], disco["beta"], disco["score"]) == (1e-4, 1e3, "logL")
+    assert (disco["delta"], disco["beta"], disco["score"], disco["tau"]) == (1e-4, 1e3, "logL", 10.0)
+    # Plain scalars only, so a config system (ml_collections) can type and override every one of them.
+    for name in NAMES:
+        for key, value in get_objective(name).defaults.items():
+            assert isinstance(value, (bool, int, float, str)), (name, key, value)
 
 
 def test_unknown_name_lists_known_ones():
@@ -135,19 +139,21 @@ def test_register_custom_objective():
 
 
 def test_group_advantages_population_std_and_dr_grpo():
-    rewards = jnp.array([1.0, 0.0, 0.0, 0.0, 0.3, 0.3, 0.3, 5.0])
-    gids = jnp.array([0, 0, 0, 0, 1, 1, 1, 2], jnp.int32)
-    rmask = jnp.array([1, 1, 0, 0, 1, 1, 1, 1])
+    rewards = jnp.array([1.0, 0.0, 0.0, 0.0, 0.3, 0.3, 0.3, 5.0, 0.0, 1e-30, 0.0, 2e-12])
+    gids = jnp.array([0, 0, 0, 0, 1, 1, 1, 2, 3, 3, 4, 4], jnp.int32)
+    rmask = jnp.array([1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
 
     @jax.jit  # one compile instead of dozens of op-by-op ones
     def all_three(rewards, gids, rmask):
-        return (group_advantages(rewards, gids, 3), group_advantages(rewards, gids, 3, normalize_std=False),
-                group_advantages(rewards, gids, 3, rollout_mask=rmask))
+        return (group_advantages(rewards, gids, 5), group_advantages(rewards, gids, 5, normalize_std=False),
+                group_advantages(rewards, gids, 5, rollout_mask=rmask))
 
     adv, dr, masked = map(np.asarray, all_three(rewards, gids, rmask))
     p = 0.25  # Lemma 4: A+ = sqrt((1-p)/p), A- = -sqrt(p/(1-p)) with the population std
     np.testing.assert_allclose(adv[:4], [math.sqrt((1 - p) / p)] + [-math.sqrt(p / (1 - p))] * 3, rtol=1e-6)
-    assert np.all(adv[4:] == 0.0), "equal (non-binary) rewards and singletons give exactly zero"
+    assert np.all(adv[4:8] == 0.0), "equal (non-binary) rewards and singletons give exactly zero"
+    assert np.all(adv[8:10] == 0.0), "a 1e-30 spread counts as equal rewards (no inf from underflow)"
+    np.testing.assert_allclose(adv[10:], [-1.0, 1.0], rtol=1e-5)  # squared deviations 1e-24: still exact
     np.testing.assert_allclose(dr[:4], [0.75, -0.25, -0.25, -0.25], rtol=1e-6)
     np.testing.assert_allclose(masked[:4], [1.0, -1.0, 0.0, 0.0], rtol=1e-6)
 

@@ -82,22 +82,26 @@ def group_advantages(
 
     A group whose rewards are all equal gets A = 0 exactly; padding rollouts get 0. The all-equal test
     uses max == min rather than std == 0, since the float std of equal non-binary rewards can come out
-    as 1e-17 and dividing by it would produce garbage advantages.
+    as 1e-17 and dividing by it would produce garbage advantages. Deviations below sqrt(float tiny)
+    (~1e-19 in float32) also count as equal: XLA may fuse the divisions below into one by a product
+    that would underflow (on CPU, to zero, as subnormals are flushed) and turn the advantage into inf.
     """
     dtype = jnp.result_type(rewards.dtype, jnp.float32)
     rewards = rewards.astype(dtype)
     valid_R = rollout_validity(rewards, rollout_mask)
     n_G = group_count(valid_R, group_ids, num_groups, dtype)
     mean_G = safe_div(group_sum(jnp.where(valid_R, rewards, 0.0), group_ids, num_groups), n_G)
-    centred_R = rewards - mean_G[group_ids]
+    centred_R = jnp.where(valid_R, rewards - mean_G[group_ids], 0.0)
     spread_G = group_max(rewards, valid_R, group_ids, num_groups) > group_min(
         rewards, valid_R, group_ids, num_groups
     )
-    active_R = valid_R & spread_G[group_ids]
+    dev_G = group_max(jnp.abs(centred_R), valid_R, group_ids, num_groups)
+    active_G = spread_G & (dev_G > jnp.sqrt(jnp.finfo(dtype).tiny))
     if normalize_std:
-        var_G = safe_div(group_sum(jnp.where(valid_R, centred_R**2, 0.0), group_ids, num_groups), n_G)
-        std_G = jnp.sqrt(jnp.where(spread_G, var_G, 1.0))
-        adv_R = centred_R / std_G[group_ids]
+        unit_R = centred_R / jnp.where(active_G, dev_G, 1.0)[group_ids]  # |unit| <= 1, max |unit| == 1
+        var_G = safe_div(group_sum(unit_R**2, group_ids, num_groups), n_G)  # >= 1/G_q where active
+        adv_R = unit_R / jnp.sqrt(jnp.where(active_G, var_G, 1.0))[group_ids]
     else:
         adv_R = centred_R
+    active_R = valid_R & active_G[group_ids]
     return jax.lax.stop_gradient(jnp.where(active_R, adv_R, 0.0))

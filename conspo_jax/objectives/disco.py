@@ -37,7 +37,6 @@ from conspo_jax.objectives.sequences import (
 )
 
 _SCORES = ("logL", "Lratio")
-_DEFAULT_TAU = {"logL": 10.0, "Lratio": 1.0}
 
 
 @register_objective("disco", uses_old_logp=True)
@@ -47,7 +46,7 @@ def disco(
     num_groups: int,
     progress=None,
     score: str = "logL",
-    tau: float | None = None,
+    tau: float = 10.0,
     delta: float = 1e-4,
     beta: float = 1e3,
     kl_estimator: str = "k1",
@@ -59,8 +58,8 @@ def disco(
     Args (hyperparameters):
       score: "logL", the length-normalised log-likelihood (1/|o|) sum_t log pi_theta, or "Lratio", the
         unclipped mean token ratio (1/|o|) sum_t pi_theta/pi_old (the paper's two non-clipping scores).
-      tau: temperature of the log-mean-exp over negatives; None picks the authors' recommendation,
-        10 for logL and 1 for Lratio.
+      tau: temperature of the log-mean-exp over negatives; 10 is the authors' recommendation for
+        logL; they recommend 1 for Lratio (set it explicitly).
       delta, beta: the trust region KL <= delta enforced by the penalty beta [KL - delta]_+^2 (paper
         values 1e-4 and 1e3). We differentiate the paper's squared hinge; the authors' code uses a
         detached-coefficient surrogate whose gradient is half of it.
@@ -83,7 +82,6 @@ def disco(
         raise ValueError(f"objective 'disco': kl_estimator must be 'k1' or 'k3', got {kl_estimator!r}")
     if kl_scope not in ("group", "batch"):
         raise ValueError(f"objective 'disco': kl_scope must be 'group' or 'batch', got {kl_scope!r}")
-    tau = _DEFAULT_TAU[score] if tau is None else tau
     check_positive("disco", tau=tau)
     check_nonnegative("disco", delta=delta, beta=beta)
 

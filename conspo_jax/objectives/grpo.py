@@ -168,7 +168,7 @@ def dr_grpo(
     progress=None,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
-    length_normalizer: float | None = None,
+    length_normalizer: float = 0.0,
 ):
     """Dr. GRPO, "Understanding R1-Zero-Like Training" (arXiv 2503.20783), Sec. 3.2.
 
@@ -176,15 +176,15 @@ def dr_grpo(
     token sum is divided by a *constant* L instead of its own length |o_i|:
     (1/G) sum_i (1/L) sum_t f(rho_it, A_i) per group, averaged over non-empty groups. The paper's
     objective has no 1/L at all; its reference code (oat) divides by the generation budget, which only
-    rescales the step. ``length_normalizer=None`` uses T, the padded response length of the batch: pass
-    the max response length explicitly when micro-batches may be padded to different T.
+    rescales the step. ``length_normalizer=0`` (default) uses T, the padded response length of the batch:
+    pass the max response length explicitly when micro-batches may be padded to different T.
     Normaliser: number of non-empty groups (L is a constant, not part of it).
     """
     del progress
     check_nonnegative("dr_grpo", eps_low=eps_low, eps_high=eps_high)
-    if length_normalizer is None:
+    check_nonnegative("dr_grpo", length_normalizer=length_normalizer)
+    if isinstance(length_normalizer, (int, float)) and length_normalizer == 0:
         length_normalizer = inputs.token_logp.shape[1]
-    check_positive("dr_grpo", length_normalizer=length_normalizer)
     return _clipped_objective(
         inputs, num_groups, eps_low=eps_low, eps_high=eps_high, normalize_std=False, aggregation="group",
         length_normalizer=length_normalizer,

@@ -65,7 +65,7 @@ def cispo(
     *,
     num_groups: int,
     progress=None,
-    eps_low: float | None = None,
+    eps_low: float = 1.0,
     eps_high: float = 0.28,
 ):
     """CISPO, MiniMax-M1 (arXiv 2506.13585), Eq. 4-5:
@@ -74,20 +74,18 @@ def cispo(
 
     The clipped importance weight is *detached* (sg) as in the paper, so every token keeps a gradient
     A_i * w_it; it is not PPO's min(). The paper imposes no lower bound ("setting eps_low to a large
-    value") and tunes only eps_high without reporting it: ``eps_low=None`` means no lower bound, and
-    eps_high defaults to 0.28, DAPO's clip-higher value (also Trinity-RFT's CISPO default). Some
+    value") and tunes only eps_high without reporting it: the default ``eps_low=1.0`` puts the lower
+    bound at 0, i.e. none, and eps_high defaults to 0.28, DAPO's clip-higher value (also Trinity-RFT's CISPO default). Some
     implementations additionally mask tokens PPO would clip; the paper's main objective does not.
     The value is the paper's surrogate (its gradient is the CISPO gradient; its level is not a
     return). Normaliser: number of completion tokens. Diagnostics: clip_frac (weights truncated),
     approx_kl.
     """
     del progress
-    check_nonnegative("cispo", eps_high=eps_high)
-    if eps_low is not None:
-        check_nonnegative("cispo", eps_low=eps_low)
+    check_nonnegative("cispo", eps_low=eps_low, eps_high=eps_high)
     _, tok_RxT, adv_R, log_ratio_RxT = _prepare(inputs, num_groups)
     ratio_RxT = jnp.exp(log_ratio_RxT)
-    lower = 0.0 if eps_low is None else 1.0 - eps_low
+    lower = jnp.maximum(1.0 - eps_low, 0.0)
     weight_RxT = jax.lax.stop_gradient(jnp.clip(ratio_RxT, lower, 1.0 + eps_high))
     truncated_RxT = (ratio_RxT > 1.0 + eps_high) | (ratio_RxT < lower)
     logp_RxT = jnp.where(tok_RxT, inputs.token_logp, 0.0)

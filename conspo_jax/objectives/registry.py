@@ -134,7 +134,10 @@ class Objective:
             return False
         if self._requires_ref is None:
             return True
-        return bool(self._requires_ref({**self.defaults, **hparams}))
+        try:
+            return bool(self._requires_ref({**self.defaults, **hparams}))
+        except jax.errors.ConcretizationTypeError:  # a traced hyperparameter: assume it is needed
+            return True
 
     def __call__(
         self, inputs: ObjectiveInputs, *, num_groups: int, progress: Any = None, **hparams: Any
