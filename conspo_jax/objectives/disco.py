@@ -53,7 +53,8 @@ def disco(
     kl_scope: str = "group",
     reward_threshold: float = 0.5,
 ):
-    """DisCO (arXiv 2505.12366), the log-sum-exp (DRO) objective J_2 with the squared-hinge penalty.
+    """DisCO (arXiv 2505.12366): the log-sum-exp (distributionally robust) objective with the
+    squared-hinge penalty; its DisCO-b variant would use the plain mean over negatives instead.
 
     Args (hyperparameters):
       score: "logL", the length-normalised log-likelihood (1/|o|) sum_t log pi_theta, or "Lratio", the

@@ -38,7 +38,7 @@ def gmpo(
     eps_low: float = 0.4,
     eps_high: float = 0.4,
 ):
-    """GMPO, "Geometric-Mean Policy Optimization" (arXiv 2507.20673), Eq. 4.
+    """GMPO, "Geometric-Mean Policy Optimization" (arXiv 2507.20673), its objective J_GMPO.
 
     Maximises the geometric mean of token-level rewards: per rollout
     A_i * exp((1/|o_i|) sum_t c_t) with c_t the log-ratio clipped in log space, PPO-style by the sign of
@@ -68,15 +68,16 @@ def cispo(
     eps_low: float = 1.0,
     eps_high: float = 0.28,
 ):
-    """CISPO, MiniMax-M1 (arXiv 2506.13585), Eq. 4-5:
+    """CISPO, MiniMax-M1 (arXiv 2506.13585), Sec. 3.1, Eq. 4-5:
 
         (1/sum_i |o_i|) sum_i sum_t sg(clip(rho_it, 1 - eps_low, 1 + eps_high)) A_i log pi_theta(o_it)
 
     The clipped importance weight is *detached* (sg) as in the paper, so every token keeps a gradient
     A_i * w_it; it is not PPO's min(). The paper imposes no lower bound ("setting eps_low to a large
     value") and tunes only eps_high without reporting it: the default ``eps_low=1.0`` puts the lower
-    bound at 0, i.e. none, and eps_high defaults to 0.28, DAPO's clip-higher value (also Trinity-RFT's CISPO default). Some
-    implementations additionally mask tokens PPO would clip; the paper's main objective does not.
+    bound at 0, i.e. none, and eps_high defaults to 0.28, DAPO's clip-higher value (also Trinity-RFT's
+    CISPO default). Some implementations additionally mask tokens PPO would clip; the paper's main
+    objective does not.
     The value is the paper's surrogate (its gradient is the CISPO gradient; its level is not a
     return). Normaliser: number of completion tokens. Diagnostics: clip_frac (weights truncated),
     approx_kl.
@@ -106,7 +107,7 @@ def sapo(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
 ):
-    """SAPO, "Soft Adaptive Policy Optimization" (arXiv 2511.20347), Eq. 5-6.
+    """SAPO, "Soft Adaptive Policy Optimization" (arXiv 2511.20347), its objective J_SAPO and soft gate f.
 
     Replaces the hard clip by a smooth gate f(rho) = (4/tau) sigmoid(tau (rho - 1)), with tau = tau_pos
     for A_i > 0 and tau_neg for A_i < 0 (paper defaults 1.0 and 1.05; a larger tau_neg damps negative
@@ -142,7 +143,7 @@ def gspo(
     eps_low: float = 3e-4,
     eps_high: float = 4e-4,
 ):
-    """GSPO, "Group Sequence Policy Optimization" (arXiv 2507.18071), Eq. 5-7.
+    """GSPO, "Group Sequence Policy Optimization" (arXiv 2507.18071), Eq. 5 with s_i(theta) of Eq. 7.
 
     Sequence-level, length-normalised ratio s_i = exp((1/|o_i|) sum_t log rho_it) clipped per sequence:
     (1/G) sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i) per group, averaged over
