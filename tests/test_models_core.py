@@ -21,8 +21,9 @@ FAST = dict(compiler_options={"xla_backend_optimization_level": 0})
 
 @pytest.fixture(scope="module")
 def model():
-  # Small chunk so the chunked log-softmax path really runs several chunks.
-  return init_policy(get_model_config("tiny-qwen2"), seed=1, dtype=jnp.float32, logprob_chunk=8)
+  # Small chunks so the chunked log-softmax and the query-blocked attention run several blocks.
+  return init_policy(get_model_config("tiny-qwen2"), seed=1, dtype=jnp.float32, logprob_chunk=8,
+                     attn_chunk=4)
 
 
 B, T = 4, 14
@@ -45,11 +46,7 @@ def batch():
 
 def _reference_logprobs(model, ids, mask):
   """Unchunked reference: full [B,T,V] logits, log-softmax, gather."""
-  pos = mask_positions(mask)
-  t = ids.shape[1]
-  allowed = jnp.tril(jnp.ones((t, t), bool))[None] & mask[:, None, :]
-  allowed |= jnp.eye(t, dtype=bool)[None]
-  h = hidden_states(model, ids, pos, mask=allowed[:, None])
+  h = hidden_states(model, ids, mask_positions(mask), mask)
   logp = jax.nn.log_softmax(policy_logits(model, h), axis=-1)[:, :-1]
   out = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
   return jnp.where(mask[:, 1:] & mask[:, :-1], out, 0.0)
@@ -126,9 +123,8 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(model):
   ids, mask = jnp.asarray(ids), jnp.asarray(mask)
   pos = mask_positions(mask)
   n = prompt + new
-  full = np.asarray(jax.jit(lambda m: policy_logits(m, hidden_states(
-      m, ids, pos, mask=(jnp.tril(jnp.ones((n, n), bool))[None] & mask[:, None, :]
-                         | jnp.eye(n, dtype=bool))[:, None])), **FAST)(model))
+  full = np.asarray(jax.jit(lambda m: policy_logits(m, hidden_states(m, ids, pos, mask)),
+                            **FAST)(model))
 
   @functools.partial(jax.jit, **FAST)
   def step(model, ids, pos, cache, start, kv_mask):

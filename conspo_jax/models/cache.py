@@ -3,7 +3,8 @@
 The cache holds every layer's keys/values, [L, B, S, Hkv, Dh]. `forward_cached` writes the new
 tokens' K/V at slots [cache_start, cache_start + T) in place (the whole cache is a scan carry, so
 XLA updates it without copies when the caller donates it) and attends over all slots allowed by the
-caller's `kv_mask`.
+caller's `kv_mask`. Long prefills attend in query blocks of `policy.attn_chunk`, so memory stays
+O(attn_chunk * S) per layer.
 """
 
 from __future__ import annotations
@@ -65,9 +66,7 @@ def forward_cached(model: Transformer, input_ids_BxT: jax.Array, positions_BxT: 
   cache_start = jnp.asarray(cache_start, jnp.int32)
   cos, sin = L.rope_tables(model.config, positions_BxT)
   q_slot = cache_start + jnp.arange(t, dtype=jnp.int32)
-  allowed = (jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slot[:, None])[None] & \
-      kv_mask_BxS.astype(bool)[:, None, :]
-  mask = allowed[:, None]  # [B, 1, T, S]
+  kv_valid = kv_mask_BxS.astype(bool)
   zero = jnp.zeros((), jnp.int32)
 
   def layer(carry, xs):
@@ -79,7 +78,8 @@ def forward_cached(model: Transformer, input_ids_BxT: jax.Array, positions_BxT: 
     v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
     k_i = jax.lax.dynamic_index_in_dim(k_all, i, 0, keepdims=False).astype(q.dtype)
     v_i = jax.lax.dynamic_index_in_dim(v_all, i, 0, keepdims=False).astype(q.dtype)
-    o = L.attention(q, k_i, v_i, mask=mask, implementation="xla")
+    o = L.slot_attention(q, k_i, v_i, q_slot_T=q_slot, kv_valid_BxS=kv_valid,
+                         q_chunk=model.attn_chunk)
     return (attn_output_and_mlp(model, p, x, o), k_all, v_all), None
 
   x = model.embed_tokens(input_ids_BxT)

@@ -58,16 +58,54 @@ def apply_rope(x_BxTxNxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Arra
   return out.astype(x_BxTxNxH.dtype)
 
 
-def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, mask=None, causal=False, kv_lengths=None,
+def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal=False, lengths=None, mask=None,
               implementation: str | None = None):
   """Grouped-query attention (softmax in fp32) through `jax.nn.dot_product_attention`.
 
-  Either `mask` (bool, broadcastable to [B, N, T, S]) or `causal` + `kv_lengths` (right padding; the
-  form cuDNN flash attention takes without materialising a mask).
+  Either `mask` (bool, broadcastable to [B, N, T, S]) or `causal` + `lengths` [B] (right padding,
+  the form cuDNN flash attention takes without materialising any mask).
   """
   return jax.nn.dot_product_attention(
-      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=causal,
-      key_value_seq_lengths=kv_lengths, implementation=implementation)
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask, is_causal=causal, query_seq_lengths=lengths,
+      key_value_seq_lengths=lengths, implementation=implementation)
+
+
+def slot_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, q_slot_T, kv_valid_BxS, q_seg_BxT=None,
+                   kv_seg_BxS=None, self_visible=False, q_chunk=1024):
+  """Causal attention where query t sits at key slot `q_slot[t]`: it sees slots <= q_slot[t] that
+  are valid (and, when packed, in the same segment).
+
+  The boolean mask is built per block of `q_chunk` queries inside a rematerialised scan, so neither
+  a [B, T, S] mask nor [B, N, T, S] logits ever exist whole: memory is O(q_chunk * S) per block.
+  `self_visible` lets padding queries see their own slot so no softmax row is empty.
+  """
+  b, t = q_BxTxNxH.shape[:2]
+  s = k_BxSxKxH.shape[1]
+  kv_slot = jnp.arange(s, dtype=jnp.int32)
+
+  def block(q, q_slot, q_seg):
+    allowed = (kv_slot[None, :] <= q_slot[:, None])[None] & kv_valid_BxS[:, None, :]
+    if q_seg is not None:
+      allowed &= q_seg[:, :, None] == kv_seg_BxS[:, None, :]
+    if self_visible:
+      allowed |= (kv_slot[None, :] == q_slot[:, None])[None]
+    # cuDNN's fused kernel takes no general boolean mask: masked attention always runs on XLA.
+    return jax.nn.dot_product_attention(q, k_BxSxKxH, v_BxSxKxH, mask=allowed[:, None],
+                                        implementation="xla")
+
+  if t <= q_chunk:
+    return block(q_BxTxNxH, q_slot_T, q_seg_BxT)
+  n = -(-t // q_chunk)
+  pad = n * q_chunk - t
+  qs = jnp.pad(q_BxTxNxH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qs = qs.reshape(b, n, q_chunk, *qs.shape[2:]).swapaxes(0, 1)
+  slots = jnp.pad(q_slot_T, (0, pad)).reshape(n, q_chunk)
+  segs = None
+  if q_seg_BxT is not None:
+    segs = jnp.pad(q_seg_BxT, ((0, 0), (0, pad))).reshape(b, n, q_chunk).swapaxes(0, 1)
+  body = jax.checkpoint(block, prevent_cse=False)
+  _, out = jax.lax.scan(lambda c, xs: (c, body(*xs)), None, (qs, slots, segs))
+  return out.swapaxes(0, 1).reshape(b, n * q_chunk, *out.shape[3:])[:, :t]
 
 
 def swiglu(x_BxTxD, gate_DxF, up_DxF, down_FxD):

@@ -83,13 +83,7 @@ def token_logprobs(model: Transformer, input_ids: jax.Array, attention_mask: jax
   if segment_ids is None and model.resolved_attn_impl() == "cudnn":
     logp = _logprobs_right_aligned(model, input_ids, valid, positions)
   else:
-    q_idx = jnp.arange(t)
-    allowed = (q_idx[None, :] <= q_idx[:, None])[None] & valid[:, None, :]
-    if segment_ids is not None:
-      allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
-    # Padding queries may see nothing else; letting them see themselves keeps softmax finite.
-    allowed |= jnp.eye(t, dtype=bool)[None]
-    h = hidden_states(model, input_ids, positions, mask=allowed[:, None])
+    h = hidden_states(model, input_ids, positions, valid, segment_ids_BxT=segment_ids)
     logp = chunked_target_logprobs(model, h[:, :-1], input_ids[:, 1:])
   return jnp.where(target_ok, logp, 0.0)
 
@@ -104,7 +98,7 @@ def _logprobs_right_aligned(model, input_ids, valid, positions):
   idx = (jnp.arange(t)[None, :] + start[:, None]) % t
   ids_r = jnp.take_along_axis(input_ids, idx, axis=1)
   pos_r = jnp.take_along_axis(positions, idx, axis=1)
-  h = hidden_states(model, ids_r, pos_r, causal=True, kv_lengths=length)
+  h = hidden_states(model, ids_r, pos_r, right_aligned_lengths_B=length)
   logp_r = chunked_target_logprobs(model, h[:, :-1], ids_r[:, 1:])
   logp_r = jnp.pad(logp_r, ((0, 0), (0, 1)))
   back = (jnp.arange(t)[None, :] - start[:, None]) % t

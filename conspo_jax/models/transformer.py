@@ -104,23 +104,31 @@ class Layers(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """Causal LM policy. Options (dtype, remat, logprob_chunk, attn_impl, mesh) are static attributes
-  that travel in the graphdef, so `nnx.merge(graphdef, state)` inside a jitted loss restores them."""
+  """Causal LM policy.
+
+  Options are static attributes that travel in the graphdef, so `nnx.merge(graphdef, state)` inside
+  a jitted loss restores them: dtype (compute), param_dtype, remat (see layers.REMAT_POLICIES),
+  logprob_chunk (tokens per log-softmax chunk), attn_impl ('auto' = cuDNN flash attention on GPU in
+  bf16/fp16, else XLA), attn_chunk (query block of masked XLA attention), mesh.
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
                param_dtype=jnp.float32, remat: str = "none", logprob_chunk: int = 2048,
-               attn_impl: str = "auto", mesh: Mesh | None = None):
+               attn_impl: str = "auto", attn_chunk: int = 1024, mesh: Mesh | None = None):
     if attn_impl not in ("auto", "xla", "cudnn"):
       raise ValueError(f"attn_impl={attn_impl!r} not supported; expected 'auto', 'xla' or 'cudnn'")
     L.maybe_remat(lambda x: x, remat)  # validates the name
     if int(logprob_chunk) < 1:
       raise ValueError(f"logprob_chunk={logprob_chunk!r} must be a positive int")
+    if int(attn_chunk) < 1:
+      raise ValueError(f"attn_chunk={attn_chunk!r} must be a positive int")
     self.config = config
     self.dtype = jnp.dtype(dtype)
     self.param_dtype = jnp.dtype(param_dtype)
     self.remat = remat
     self.logprob_chunk = int(logprob_chunk)
     self.attn_impl = attn_impl
+    self.attn_chunk = int(attn_chunk)
     self.mesh = mesh
     specs = _all_specs(config)
     make = _Init(rngs, [(shape, init) for _, _, shape, _, init in specs], config.initializer_range,
@@ -182,19 +190,32 @@ def attn_output_and_mlp(model: Transformer, p: dict[str, jax.Array], x_BxTxD, o_
   return constrain(x, model.mesh, ("batch", "seq", "act_embed"))
 
 
-def hidden_states(model: Transformer, input_ids_BxT, positions_BxT, *, mask=None, causal=False,
-                  kv_lengths=None) -> jax.Array:
-  """Final-norm hidden states [B, T, D] of a full (no-cache) forward pass.
+def hidden_states(model: Transformer, input_ids_BxT, positions_BxT, attention_mask_BxT=None, *,
+                  segment_ids_BxT=None, right_aligned_lengths_B=None) -> jax.Array:
+  """Final-norm hidden states [B, T, D] of a full (no-cache) causal forward pass.
 
-  Attention sees either `mask` ([B, 1, T, T] bool) or `causal` + `kv_lengths`.
+  Keys are limited to real tokens (`attention_mask`) and, for packed rows, to the query's segment.
+  With `right_aligned_lengths` instead, row b's real tokens are exactly its first lengths[b] slots:
+  attention then needs no mask at all (the cuDNN flash-attention form).
   """
   impl = model.resolved_attn_impl()
   cos, sin = L.rope_tables(model.config, positions_BxT)
+  b, t = input_ids_BxT.shape
+  if right_aligned_lengths_B is None and attention_mask_BxT is None:
+    attention_mask_BxT = jnp.ones((b, t), bool)
+
+  def attend(q, k, v):
+    if right_aligned_lengths_B is not None:
+      return L.attention(q, k, v, causal=True, lengths=right_aligned_lengths_B,
+                         implementation=impl)
+    return L.slot_attention(
+        q, k, v, q_slot_T=jnp.arange(t, dtype=jnp.int32),
+        kv_valid_BxS=attention_mask_BxT.astype(bool), q_seg_BxT=segment_ids_BxT,
+        kv_seg_BxS=segment_ids_BxT, self_visible=True, q_chunk=model.attn_chunk)
 
   def layer(x, p):
     q, k, v = qkv_projection(model, p, x, cos, sin)
-    o = L.attention(q, k, v, mask=mask, causal=causal, kv_lengths=kv_lengths, implementation=impl)
-    return attn_output_and_mlp(model, p, x, o), None
+    return attn_output_and_mlp(model, p, x, attend(q, k, v)), None
 
   x = model.embed_tokens(input_ids_BxT)
   x, _ = jax.lax.scan(L.maybe_remat(layer, model.remat), x, model.layers.arrays())
@@ -220,13 +241,14 @@ def abstract_policy(config: ModelConfig, **kwargs) -> Transformer:
 
 def init_policy(config: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                 mesh: Mesh | None = None, remat: str = "none", logprob_chunk: int = 2048,
-                attn_impl: str = "auto") -> Transformer:
+                attn_impl: str = "auto", attn_chunk: int = 1024) -> Transformer:
   """Randomly initialised policy. With `mesh`, every weight is created directly in its sharding
   (eval_shape -> shardings -> jit(init, out_shardings)), so no unsharded copy ever exists."""
   if not isinstance(config, ModelConfig):
     raise TypeError(f"init_policy config must be a ModelConfig, got {type(config).__name__}")
   kwargs: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                logprob_chunk=logprob_chunk, attn_impl=attn_impl, mesh=mesh)
+                                logprob_chunk=logprob_chunk, attn_impl=attn_impl,
+                                attn_chunk=attn_chunk, mesh=mesh)
   graphdef, abs_state = nnx.split(abstract_policy(config, **kwargs))
   out_shardings = state_shardings(abs_state, mesh) if mesh is not None else None
 
