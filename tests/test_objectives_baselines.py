@@ -44,6 +44,7 @@ CASES = [
     ("gspo", {"eps_low": 0.1, "eps_high": 0.1}),
 ]
 # The batch-scope DisCO penalty is one hinge of the whole (micro-)batch KL: by design not decomposable.
+SPLIT = ({0, 2}, {1, 3, 4})  # two micro-batches of whole groups, 6 rows each
 NOT_DECOMPOSABLE = {("disco", (("beta", 10.0), ("delta", 0.01), ("kl_scope", "batch")))}
 
 
@@ -52,14 +53,15 @@ def _key(name, hparams):
 
 
 def make_batch(seed=0):
-    """Five groups of sizes 5, 3, 2, 1, 0 (mixed, mixed, all-correct, single, empty), one padding rollout,
-    a zero-length response, non-binary rewards, junk (-inf / 1e9) in every padded slot, shuffled rows."""
+    """Five groups of sizes 4, 3, 2, 1, 1 (mixed, mixed, all-correct, single wrong, single right), one
+    padding rollout, a zero-length response, non-binary rewards, junk (-inf / NaN / 1e9) in every padded
+    slot, shuffled rows. (Micro-batches leave groups empty.)"""
     rng = np.random.default_rng(seed)
-    gids = np.array([0] * 5 + [1] * 3 + [2] * 2 + [3] + [1])
-    rewards = np.array([1, 0, 1, 0, 0, 1.0, 0.7, 0, 1, 1, 0, 1])
+    gids = np.array([0] * 4 + [1] * 3 + [2] * 2 + [3] + [4] + [1])
+    rewards = np.array([1, 0, 1, 0, 1.0, 0.7, 0, 1, 1, 0, 1, 1])
     rmask = np.array([True] * 11 + [False])
     lens = rng.integers(1, T + 1, R)
-    lens[4] = 0  # a zero-length negative in the valid group 0
+    lens[3] = 0  # a zero-length negative in the valid group 0
     perm = rng.permutation(R)
     gids, rewards, rmask, lens = gids[perm], rewards[perm], rmask[perm], lens[perm]
     mask = np.arange(T)[None, :] < lens[:, None]
@@ -377,8 +379,9 @@ def test_cases_cover_every_registered_objective():
 
 
 def _micro_batches(b):
-    """The batch split into two micro-batches of whole groups (same shapes, the rest masked out)."""
-    return [dict(b, rmask=b["rmask"] & np.isin(b["gids"], list(groups))) for groups in ({0, 3}, {1, 2, 4})]
+    """The batch split into two micro-batches of whole groups (same shapes, the rest masked out).
+    The split is lopsided (1 valid of 2 groups vs 1 valid of 3) so a wrong normaliser cannot cancel."""
+    return [dict(b, rmask=b["rmask"] & np.isin(b["gids"], list(groups))) for groups in SPLIT]
 
 
 def _permuted(b, seed=3):
@@ -424,3 +427,39 @@ def test_objective(name):
         np.testing.assert_allclose(grads[3], grad[perm], rtol=1e-11, atol=1e-14, err_msg=f"{label}: permuted")
         for k, v in aux.items():
             np.testing.assert_allclose(v[3], v[0], rtol=1e-11, atol=1e-14, err_msg=f"{label}: aux {k}")
+
+
+def test_physical_micro_batches_recombine_to_the_full_batch_reference():
+    """What the trainer does: slice the rows of whole groups into two smaller batches (6 rows each here),
+    evaluate each, and combine with aux["normalizer"]; the result must be the full batch's value and
+    gradient, here taken from the independent numpy reference. One compile serves every case."""
+    b = make_batch(seed=4)
+    parts = [np.flatnonzero(np.isin(b["gids"], list(groups))) for groups in SPLIT]
+    assert [len(p) for p in parts] == [6, 6]
+    cases = [(name, hp) for name, hp in CASES if _key(name, hp) not in NOT_DECOMPOSABLE]
+
+    def all_cases(logp, old, ref, mask, rewards, gids, rmask):
+        out = []
+        for name, hp in cases:
+            obj = get_objective(name)
+            inputs = ObjectiveInputs(token_logp=logp, old_logp=old, ref_logp=ref, mask=mask, rewards=rewards,
+                                     group_ids=gids, rollout_mask=rmask)
+            out.append(jax.value_and_grad(lambda x: obj(inputs.replace(token_logp=x), num_groups=G,
+                                                        progress=PROGRESS, **hp), has_aux=True)(logp))
+        return out
+
+    with jax.enable_x64(True):
+        sliced = [[jnp.asarray(b[k][rows]) for k in _FIELDS] for rows in parts]
+        compiled = jax.jit(all_cases).lower(*sliced[0]).compile({"xla_backend_optimization_level": 0})
+        results = [compiled(*args) for args in sliced]
+    for c, (name, hp) in enumerate(cases):
+        (v0, aux0), g0 = results[0][c]
+        (v1, aux1), g1 = results[1][c]
+        n0, n1 = float(aux0["normalizer"]), float(aux1["normalizer"])
+        grad = np.zeros((R, T))
+        grad[parts[0]] = np.asarray(g0) * n0 / (n0 + n1)
+        grad[parts[1]] = np.asarray(g1) * n1 / (n0 + n1)
+        label = f"{name}{hp}"
+        np.testing.assert_allclose((float(v0) * n0 + float(v1) * n1) / (n0 + n1), reference(name, b, hp),
+                                   rtol=1e-9, atol=1e-12, err_msg=label)
+        np.testing.assert_allclose(grad, fd_grad(name, b, hp), rtol=1e-5, atol=1e-7, err_msg=label)
