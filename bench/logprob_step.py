@@ -252,7 +252,8 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--remat", default=None, help="JAX remat policy (default: full on GPU, none on CPU)")
-  p.add_argument("--logprob-chunk", type=int, default=2048, help="tokens per log-softmax chunk")
+  p.add_argument("--logprob-chunk", type=int, default=None,
+                 help="tokens per log-softmax chunk (default: 2048 on GPU, 512 on CPU)")
   p.add_argument("--attn-impl", default="auto", choices=("auto", "xla", "cudnn"))
   p.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPU, fp32 on CPU)")
   p.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
@@ -266,6 +267,7 @@ def main(argv=None) -> None:
   on_gpu = jax.default_backend() == "gpu"
   args.arch = args.arch or ("r1-distill-qwen-1.5b" if on_gpu else "cpu-small")
   args.remat = args.remat or ("full" if on_gpu else "none")
+  args.logprob_chunk = args.logprob_chunk or (2048 if on_gpu else 512)
   if args.shapes:
     shapes = args.shapes.split(",")
   elif args.batch or args.seq:

@@ -55,6 +55,8 @@ def forward_cached(model: Transformer, input_ids_BxT: jax.Array, positions_BxT: 
                    cache: KVCache, cache_start, kv_mask_BxS: jax.Array):
   """Runs T new tokens through the model with the cache; returns (final-norm h [B,T,D], cache).
 
+  The caller keeps cache_start + T <= S (dynamic_update_slice would clamp the write otherwise).
+
   Query t (at slot cache_start + t) attends to slots s <= cache_start + t with kv_mask[b, s] True;
   `kv_mask` must already include the new tokens' slots. `positions` are the RoPE positions.
   """

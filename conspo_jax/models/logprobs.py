@@ -59,6 +59,10 @@ def token_logprobs(model: Transformer, input_ids: jax.Array, attention_mask: jax
   `attention_mask` [B, T] marks real tokens (left/right padding both allowed). With `segment_ids`
   (packed rows, 0 = padding) attention stays inside each segment, positions restart per segment
   and the prediction across a segment boundary is 0. Traceable under jit and differentiable.
+
+  With cuDNN attention (attn_impl 'cudnn', or 'auto' on GPU in bf16) and no segment_ids, each row's
+  real tokens must form one contiguous span (left-padded prompt + response + right padding, as RL
+  batches are): rows are rotated so attention needs no mask.
   """
   input_ids = jnp.asarray(input_ids)
   if input_ids.ndim != 2:
