@@ -99,3 +99,20 @@ def test_starved_worker_gets_max_wall_then_is_killed():
         assert result["v"].reason == "timeout" and pool.num_restarts == 1
         assert 1.1 <= result["t"] < 2.0, result["t"]
         assert not _alive(pid) and len(pool.pids) == 1
+
+
+def test_interrupted_batch_leaves_the_pool_usable():
+    with RewardPool(1) as pool:
+        pool.wait_ready()
+        (pid,) = pool.pids
+        real_pump = pool._pump
+
+        def broken_pump(*a, **kw):  # e.g. Ctrl-C while a task is in flight
+            raise KeyboardInterrupt
+
+        pool._pump = broken_pump
+        with pytest.raises(KeyboardInterrupt):
+            pool.verify(["\\boxed{x^2}"], ["x*x"])
+        pool._pump = real_pump
+        assert pool.pids != [pid] and not _alive(pid), "the worker holding the abandoned task is replaced"
+        assert pool.score(["\\boxed{x^2}"], ["x \\cdot x"]).tolist() == [1.0]

@@ -227,9 +227,12 @@ def run_eval_command(config, *, checkpoint: str | None = None, hf: str | None = 
     stop = setup.stop_token_ids(tokenizer, policy.config)
     engine = JaxEngine(policy, eos_token_ids=stop, pad_id=tokenizer.pad_token_id or 0, mesh=mesh,
                        prompt_bucket=config.rollout.prompt_bucket)
-    k = int(e.get("k", 0) or 0)
-    return evaluate(engine, tokenizer, names, out_dir=workdir,
-                    max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
-                    k_overrides=k or None, temperature=e.temperature, top_p=e.top_p, seed=config.seed,
-                    limit=e.limit or None, stop_token_ids=stop,
-                    label=os.path.basename(os.path.normpath(hf or checkpoint)))
+    k = int(e.get("k", 0) or 0)  # 0: the paper's protocol (32 samples on AIME / HMMT / AMC, else 1)
+    results = evaluate(engine, tokenizer, names, out_dir=workdir,
+                       max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
+                       k_overrides=k or None, temperature=e.temperature, top_p=e.top_p, seed=config.seed,
+                       limit=e.limit or None, stop_token_ids=stop,
+                       label=os.path.basename(os.path.normpath(hf or checkpoint)))
+    print(f"\n{results['table']}\nresults.json, table.md and samples.jsonl are in {os.path.abspath(workdir)}",
+          flush=True)
+    return results

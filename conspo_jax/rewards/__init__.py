@@ -9,14 +9,8 @@ Public API:
 """
 
 from conspo_jax.rewards.extract import MAX_ANSWER_CHARS, extract_boxed, normalize_answer
-from conspo_jax.rewards.pool import (
-    RewardPool,
-    Verdict,
-    default_pool,
-    math_reward,
-    math_reward_batch,
-    shutdown_default_pool,
-)
+from conspo_jax.rewards.api import default_pool, math_reward, math_reward_batch, shutdown_default_pool
+from conspo_jax.rewards.pool import RewardPool, Verdict
 
 __all__ = [
     "MAX_ANSWER_CHARS",
