@@ -67,6 +67,10 @@ EQUIVALENT = [
     (B % "2^{10}", "1024", 1.0),
     (B % "\\varnothing", "\\emptyset", 1.0),  # our normalisation
     (B % "1 \\text{ and } 2", "1,2", 1.0),
+    (B % "\\text{north}", "North", 1.0),  # our normalisation: a bare-word ground truth is text
+    (B % "East", "\\text{east}", 1.0),
+    (B % "North", "North", 1.0),
+    (B % "864 \\text{ square inches}", "864 \\mbox{ inches}^2", 1.0),
     ("$\\fbox{204}$ minutes", "204", 1.0),
     ("so the answer is $\\boxed 7$.", "7", 1.0),
     ("\\boxed{5}", "$\\boxed{5}$", 1.0),
@@ -87,6 +91,9 @@ WRONG = [
     (B % "x^2+1", "x^2-1", 0.0),
     (B % "\\sqrt{2}", "2", 0.0),
     (B % "10\\%", "10\\%0", 0.0),
+    (B % "\\text{odd}", "\\text{even}", 0.0),
+    (B % "\\tan x", "\\cot x", 0.0),
+    (B % "\\text{south}", "North", 0.0),
 ]
 
 STRUCTURE = [
@@ -196,6 +203,7 @@ def test_normalisation_and_quick_paths():
     assert normalize_answer("\\$5") == "5"
     assert ground_truth_answer("$\\boxed{\\frac12}$") == "\\frac12"
     assert ground_truth_answer(27.0) == "27" and ground_truth_answer(70) == "70"
+    assert ground_truth_answer("North") == "\\text{North}" and ground_truth_answer("ab") == "ab"
     with pytest.raises(TypeError, match="ground_truth must be str or number"):
         ground_truth_answer(None)
     assert quick_verdict("023", "23") == (1.0, "integer")
@@ -203,3 +211,7 @@ def test_normalisation_and_quick_paths():
     assert quick_verdict("24", "23") == (0.0, "integer")
     assert quick_verdict("\\frac{1}{2}", "\\frac{1}{2}") == (1.0, "exact")
     assert quick_verdict("0.5", "\\frac12") is None  # needs math-verify
+    assert quick_verdict("North", "\\text{North}") == (1.0, "text")
+    assert quick_verdict("\\text{east}", "East") == (1.0, "text")
+    assert quick_verdict("\\text{odd}", "\\text{even}") == (0.0, "text")
+    assert quick_verdict("x", "\\text{y}") is None  # one letter may be a variable: math-verify decides

@@ -87,7 +87,9 @@ def extract_boxed(text: str) -> str | None:
 # separators, x = ... and \text{(C)}. What it gets wrong on its own (checked in tests/test_rewards.py):
 #   "1\,000" (thin-space thousands separator) parses as 1*0;   "30°" (unicode degree) is not parsed;
 #   "5." (sentence period inside the box) is not parsed;       "\varnothing" is not the empty set;
-#   "\$" and "$...$" inside a ground truth confuse the boxed extraction.
+#   "\$" and "$...$" inside a ground truth confuse the boxed extraction;
+#   a bare-word ground truth ("North") parses as a product of symbols N*o*r*t*h, which never equals the
+#   model's "\text{north}": a single word of 3+ letters in a ground truth is read as text.
 _THIN_SPACE_THOUSANDS = re.compile(r"(?<=\d)(?:\\[,;:! ]|~|\\thinspace ?)(?=\d{3}(?!\d))")
 _TRAILING_PERIOD = re.compile(r"(?<=[0-9a-zA-Z}])\.\s*$")
 _DOLLARS = re.compile(r"(?<!\\)\$")
@@ -113,7 +115,11 @@ def ground_truth_answer(ground_truth) -> str:
         ground_truth = int(ground_truth)  # AMC files store 27.0
     gt = str(ground_truth).strip()
     boxed = extract_boxed(gt) if ("\\boxed" in gt or "\\fbox" in gt) else None
-    return normalize_answer(boxed if boxed is not None else gt)
+    gt = normalize_answer(boxed if boxed is not None else gt)
+    return f"\\text{{{gt}}}" if _WORD.match(gt) else gt
+
+
+_WORD = re.compile(r"^[A-Za-z]{3,}$")
 
 
 _INT = re.compile(r"^[+-]?(?:\d+|\d{1,3}(?:,\d{3})+)$")
@@ -129,20 +135,33 @@ NO_BOX = "no_box"
 TOO_LONG = "too_long"
 EXACT = "exact"
 INTEGER = "integer"
+TEXT = "text"
 PARSED = "parsed"
 TIMEOUT = "timeout"
 ERROR = "error"
 
 
+_TEXT_WORD = re.compile(r"^(?:\\(?:text|textbf|mathrm|mbox)\{\s*([A-Za-z]+)\s*\}|([A-Za-z]+))$")
+
+
+def _word(s: str) -> str | None:
+    m = _TEXT_WORD.match(s.strip())
+    return (m.group(1) or m.group(2)).lower() if m else None
+
+
 def quick_verdict(pred: str, gold: str) -> tuple[float, str] | None:
     """Scores the cases that need no sympy: (score, reason), or None when math-verify must decide.
 
-    ``pred`` and ``gold`` are already normalised. Identical strings (ignoring whitespace) are equal, and
-    two plain integers compare by value: "023" is 23, and "24" is never equal to "23" in any notation.
+    ``pred`` and ``gold`` are already normalised. Identical strings (ignoring whitespace) are equal; two
+    plain integers compare by value ("023" is 23, "24" is never 23); two single words, bare or in
+    ``\\text{}``, compare case-insensitively as math-verify does ("East" is "\\text{east}").
     """
     if _SPACES.sub("", pred) == _SPACES.sub("", gold):
         return 1.0, EXACT
     a, b = _plain_int(pred), _plain_int(gold)
     if a is not None and b is not None:
         return float(a == b), INTEGER
+    wa, wb = _word(pred), _word(gold)
+    if wa is not None and wb is not None and len(wb) >= 3:
+        return float(wa == wb), TEXT
     return None
