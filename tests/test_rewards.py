@@ -157,7 +157,7 @@ ADVERSARIAL = [
 
 def test_adversarial_inputs_finish_within_limit(pool):
     """Each case ends within 2 s of wall time, unless the machine starved the worker of CPU (a shared
-    box): then it used at most its CPU budget and ended by the starvation cap (4 x timeout_s)."""
+    box): then it still used at most its CPU budget, and ended by the starvation cap (4 x timeout_s)."""
     limit = pool.timeout_s
     for resp, gt, want in ADVERSARIAL:
         t0 = time.monotonic()
@@ -168,8 +168,8 @@ def test_adversarial_inputs_finish_within_limit(pool):
             assert took < 0.5, f"{resp[:40]!r}... took {took:.2f}s in-process"
             continue
         assert v.cpu_s <= limit + 0.2, f"{resp[:40]!r}... used {v.cpu_s:.2f}s CPU"
-        starved = v.cpu_s < 0.5 * took
-        assert took < 2.0 or (starved and took < 4 * limit + 1.0), f"{resp[:40]!r}... took {took:.2f}s, {v}"
+        waited = took - v.cpu_s > 0.5  # the extra wall time went to waiting for a CPU, not computing
+        assert took < 2.0 or (waited and took < 4 * limit + 1.0), f"{resp[:40]!r}... took {took:.2f}s, {v}"
 
 
 @pytest.mark.parametrize("text, want", [

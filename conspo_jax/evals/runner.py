@@ -10,6 +10,7 @@ them in the reward pool while the engine samples the next chunk, and writes ``re
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import json
 import os
 import time
@@ -210,12 +211,10 @@ def run_eval_command(config, *, checkpoint: str | None = None, hf: str | None = 
     if hf:
         if not os.path.isdir(hf):
             raise UsageError(f"--hf: no such checkpoint directory {hf!r}")
-        from transformers import AutoTokenizer
-
-        from conspo_jax.models.hf_io import load_hf_policy
-
-        tokenizer = AutoTokenizer.from_pretrained(hf)
-        policy = load_hf_policy(hf, dtype=setup._DTYPES[config.model.dtype], mesh=mesh)
+        config = copy.deepcopy(config)  # the run's own model settings (dtype, remat), these weights
+        config.model.path, config.model.random_init = hf, False
+        tokenizer = setup.build_tokenizer(config)  # config.tokenizer if set, else the one in --hf
+        policy = setup.build_policy(config, tokenizer, mesh, seed=config.seed)
     else:
         try:
             from conspo_jax.train.checkpoint import load_policy_for_eval

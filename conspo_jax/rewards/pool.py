@@ -14,9 +14,9 @@ and integer matches. Only the bounded remainder crosses the pipe.
 The time limit ``timeout_s`` (default 1.5 s) holds in two layers. The worker stops a task itself after
 0.85 x timeout_s of CPU time (a CPU timer, so no restart is needed); the parent SIGKILLs a worker still
 busy at timeout_s of wall time (work stuck in C code). On an idle machine a pathological answer thus
-costs at most timeout_s. On a machine whose CPUs other processes hog, a worker that has had less than
-half of the elapsed time as CPU is starved, not stuck: it keeps running up to ``max_wall_s`` (default
-4 x timeout_s) so that a correct answer is not scored 0 just because the machine was busy.
+costs at most timeout_s. On a machine whose CPUs other processes hog, a worker that has not yet had its
+CPU budget by the deadline is waiting for a CPU, not stuck: it keeps running up to ``max_wall_s``
+(default 4 x timeout_s) so that a correct answer is not scored 0 just because the machine was busy.
 """
 
 from __future__ import annotations
@@ -83,11 +83,13 @@ class _Worker:
         self.deadline = 0.0
         self.sent = self.last_chance = 0.0
         self.cpu_at_send: float | None = None
+        self.cpu_budget = 0.0
 
     def send(self, task_id: int, pred: str, gold: str, timeout_s: float, max_wall_s: float) -> None:
         # The worker stops itself after ~85% of the limit in CPU, before the parent's wall-clock kill
         # would cost a process restart.
-        msg = {"i": task_id, "p": pred, "g": gold, "t": round(0.85 * timeout_s, 3)}
+        self.cpu_budget = round(0.85 * timeout_s, 3)
+        msg = {"i": task_id, "p": pred, "g": gold, "t": self.cpu_budget}
         self.proc.stdin.write((json.dumps(msg) + "\n").encode())
         self.proc.stdin.flush()
         self.task = task_id
@@ -100,10 +102,11 @@ class _Worker:
         cpu = _cpu_seconds(self.proc.pid)
         return None if cpu is None or self.cpu_at_send is None else cpu - self.cpu_at_send
 
-    def starved(self, now: float) -> bool:
-        """True if the task has had less than half of the elapsed wall time as CPU (machine busy)."""
+    def starved(self) -> bool:
+        """True if the task has not yet had its CPU budget (plus time for the worker's own timer to
+        act): it was waiting for a CPU, so the wall-clock deadline says nothing about it."""
         used = self.task_cpu()
-        return used is not None and used < 0.5 * (now - self.sent)
+        return used is not None and used < self.cpu_budget + 0.1
 
     def read_messages(self) -> tuple[list[dict], bool]:
         """Messages available now, and whether the worker's stdout hit EOF (it died)."""
@@ -307,7 +310,7 @@ class RewardPool:
             self._pump(inflight, verdicts, extracted, wait)
             now = time.monotonic()
             for i, w in list(inflight.items()):
-                if now >= w.deadline and now < w.last_chance and w.starved(now):
+                if now >= w.deadline and now < w.last_chance and w.starved():
                     w.deadline = min(now + 0.1, w.last_chance)  # busy machine: look again soon
                 elif now >= w.deadline:
                     verdicts[i] = Verdict(0.0, extracted[i], ex.TIMEOUT, w.task_cpu())
