@@ -58,7 +58,8 @@ def parse_command_line(argv, define_flags) -> flags.FlagValues:
     Any problem raises ``UsageError`` naming the flag, key or value.
     """
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Experiment config module path.py[:arg].", flag_values=fv, lock_config=True)
+    config_flags.DEFINE_config_file("config", None, "Experiment config module path.py[:arg].", flag_values=fv,
+                                    lock_config=True, sys_argv=list(argv))
     define_flags(fv)
     config_spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if config_spec is None and "--config" in argv[:-1]:

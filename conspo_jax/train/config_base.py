@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.xla_cache_dir = "~/.cache/conspo_jax/xla"  # persistent compilation cache; '' disables
     c.task = "math"  # 'math' (math_reward on \boxed{}) or 'arith' (the synthetic task)
 
     c.model = ml_collections.ConfigDict(dict(
@@ -57,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
         temperature=PAPER["temperature"], top_p=1.0, top_k=0, max_new_tokens=8192, prompt_bucket=64,
         sidecar=ml_collections.ConfigDict(dict(
             address="127.0.0.1:50051", token="", weights_dir="", max_staleness=0, tis_cap=0.0,
-            deadline_s=600.0, verifier="math")),
+            deadline_s=600.0, verifier="")),  # verifier '': the task's (math or arith)
     ))
     c.objective = ml_collections.ConfigDict(dict(name="conspo"))
     for name in list_objectives():
@@ -69,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
         mini_batches=1,         # optimizer updates per rollout batch (groups split evenly)
         micro_batch_groups=0,   # groups per micro-batch for gradient accumulation; 0 = whole mini-batch
         log_every=1, ckpt_every=50, keep_ckpts=2, stop_after=0, max_nonfinite=20, progress_bar=True,
+        export_hf=True,         # write the final policy + tokenizer to <workdir>/hf
     ))
     c.sft = ml_collections.ConfigDict(dict(steps=0, lr=1e-3, batch_size=64, warmup_steps=10))
     c.eval = ml_collections.ConfigDict(dict(

@@ -17,7 +17,7 @@ import numpy as np
 
 from conspo_jax.configs import UsageError, require
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def validate(config) -> None:
@@ -32,7 +32,7 @@ def validate(config) -> None:
     require(config.task in ("math", "arith"), f"task must be 'math' or 'arith', got {config.task!r}")
     for key in ("dtype", "param_dtype"):
         value = config.model[key]
-        require(value in _DTYPES, f"model.{key} must be one of {sorted(_DTYPES)}, got {value!r}")
+        require(value in DTYPES, f"model.{key} must be one of {sorted(DTYPES)}, got {value!r}")
     try:
         get_objective(config.objective.name)
     except (ValueError, KeyError) as e:
@@ -45,6 +45,17 @@ def validate(config) -> None:
         require(bool(config.data.train), "data.train must name a training file or dataset for task='math'")
     if config.data.train and os.path.sep in config.data.train and not os.path.exists(config.data.train):
         raise UsageError(f"data.train: no such file {config.data.train!r}")
+
+
+def enable_compilation_cache(config) -> None:
+    """Persists compiled XLA programs so a resumed or repeated run skips recompilation.
+
+    ``JAX_COMPILATION_CACHE_DIR`` in the environment wins over ``config.xla_cache_dir``; '' disables.
+    """
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(config.xla_cache_dir)
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def build_tokenizer(config):
@@ -75,13 +86,15 @@ def build_mesh(config):
 
 
 def build_policy(config, tokenizer, mesh, seed: int):
-    from conspo_jax.models import ModelConfig, get_model_config, init_policy, load_hf_policy
+    from conspo_jax.models import ModelConfig, get_model_config, init_policy
 
     m = config.model
-    opts = dict(dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype], mesh=mesh, remat=m.remat)
+    opts = dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], mesh=mesh, remat=m.remat)
     if m.logprob_chunk:
         opts["logprob_chunk"] = m.logprob_chunk
     if m.path and not m.random_init:
+        from conspo_jax.models import load_hf_policy
+
         return load_hf_policy(m.path, **opts)
     if m.path:
         model_config = ModelConfig.from_hf(m.path)

@@ -49,12 +49,16 @@ def encode_sft(records, encode, target, tokenizer, width: int):
 
 
 def warm_start(graphdef, params, rest, records, encode, target, tokenizer, *, steps, lr, batch_size,
-               warmup_steps, seed, width, log=None):
+               warmup_steps, seed, width, mesh=None, log=None):
     """Runs ``steps`` AdamW steps of supervised training; returns the new params."""
     ids, attn, tmask = encode_sft(records, encode, target, tokenizer, width)
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1), lr * 0.1)
     optimizer = optax.adamw(sched, weight_decay=0.0)
-    opt_state = optimizer.init(params)
+    opt_state = jax.jit(optimizer.init)(params)
+    if mesh is not None:  # commit every leaf to the mesh so the donated step never recompiles
+        from conspo_jax.train.step import state_shardings
+
+        opt_state = jax.device_put(opt_state, state_shardings(opt_state, mesh))
     rng = np.random.default_rng(seed)
     for s in range(steps):
         idx = rng.choice(len(records), size=batch_size, replace=False)

@@ -10,6 +10,7 @@ A non-finite loss or gradient leaves parameters and optimizer state untouched (`
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax
@@ -17,9 +18,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from conspo_jax.models import token_logprobs
 from conspo_jax.objectives import ObjectiveInputs
+
+
+_SCHEDULE_KEYS = ("margin",)
 
 
 @flax.struct.dataclass
@@ -49,8 +54,17 @@ def completion_logprobs(graphdef, params, rest, input_ids, attention_mask, promp
     return logp_RxT1[:, prompt_len - 1:]
 
 
-def _micro_objective(params, mb, progress, *, graphdef, rest, objective, num_groups, prompt_len, ref_params):
+def _micro_objective(params, mb, progress, rest, ref_params, *, graphdef, objective, num_groups, prompt_len,
+                     tis_cap):
     logp_RxC = completion_logprobs(graphdef, params, rest, mb["input_ids"], mb["attention_mask"], prompt_len)
+    if tis_cap > 0:
+        # Truncated importance sampling for engine/trainer mismatch: scale each token's gradient by
+        # min(pi_trainer / pi_engine, cap) while leaving every value (and so every metric) unchanged.
+        from conspo_jax.sidecar.correction import tis_weights
+
+        sg = jax.lax.stop_gradient(logp_RxC)
+        w = jax.lax.stop_gradient(tis_weights(sg, mb["engine_logp"], mb["completion_mask"], tis_cap))
+        logp_RxC = sg + w * (logp_RxC - sg)
     old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp_RxC)
     ref = None
     if ref_params is not None:
@@ -67,32 +81,40 @@ def _micro_objective(params, mb, progress, *, graphdef, rest, objective, num_gro
     return -value * n, (value, n, aux, mismatch, jnp.sum(mask))
 
 
-def train_step(state: TrainState, micro_batches, progress, *, graphdef, rest, objective, num_groups, prompt_len,
-               optimizer, ref_params=None):
-    """One optimizer update over micro-batches stacked on a leading axis [M, rows, ...]."""
-    loss_fn = functools.partial(_micro_objective, graphdef=graphdef, rest=rest, objective=objective,
-                                num_groups=num_groups, prompt_len=prompt_len, ref_params=ref_params)
+def train_step(state: TrainState, micro_batches, progress, rest, ref_params=None, *, graphdef, objective, num_groups,
+               prompt_len, optimizer, tis_cap=0.0):
+    """One optimizer update over micro-batches stacked on a leading axis [M, rows, ...].
+
+    ``rest`` is the policy's non-parameter state; ``ref_params`` the frozen reference policy (KL terms).
+    """
+    loss_fn = functools.partial(_micro_objective, graphdef=graphdef, objective=objective, num_groups=num_groups,
+                                prompt_len=prompt_len, tis_cap=tis_cap)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def body(acc, mb):
-        (_, (value, n, aux, mismatch, ntok)), grads = grad_fn(state.params, mb, progress)
+        (_, (value, n, aux, mismatch, ntok)), grads = grad_fn(state.params, mb, progress, rest, ref_params)
         g_acc, v_acc, n_acc, aux_acc, mm_acc, tok_acc = acc
         g_acc = jax.tree.map(jnp.add, g_acc, grads)
         aux_acc = jax.tree.map(lambda a, b: a + b * n, aux_acc, aux)
-        return (g_acc, v_acc + value * n, n_acc + n, aux_acc, mm_acc + mismatch, tok_acc + ntok), None
+        return (g_acc, v_acc + value * n, n_acc + n, aux_acc, mm_acc + mismatch, tok_acc + ntok), {
+            k: aux[k] for k in _SCHEDULE_KEYS if k in aux}
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    aux_shape = jax.eval_shape(lambda: loss_fn(state.params, first, progress)[1][2])
+    aux_shape = jax.eval_shape(lambda: loss_fn(state.params, first, progress, rest, ref_params)[1][2])
     init = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0),
             jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape), jnp.float32(0), jnp.float32(0))
-    (g_sum, v_sum, n_sum, aux_sum, mm_sum, tok_sum), _ = jax.lax.scan(body, init, micro_batches)
+    (g_sum, v_sum, n_sum, aux_sum, mm_sum, tok_sum), aux_all = jax.lax.scan(body, init, micro_batches)
+    aux_last = {k: v[-1] for k, v in aux_all.items()}
     denom = jnp.maximum(n_sum, 1e-9)
     grads = jax.tree.map(lambda g: g / denom, g_sum)  # d(-J)/dtheta of the whole mini-batch
     value = jnp.where(n_sum > 0, v_sum / denom, 0.0)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(value) & jnp.isfinite(optax.global_norm(grads))
-    metrics = {f"objective/{k}": jnp.where(n_sum > 0, v / denom, 0.0) for k, v in aux_sum.items()}
+    metrics = {f"objective/{k}": jnp.where(n_sum > 0, v / denom, 0.0) for k, v in aux_sum.items()
+               if k not in _SCHEDULE_KEYS}
+    # Schedule values (the margin) are the same in every micro-batch, valid groups or not.
+    metrics.update({f"objective/{k}": v for k, v in aux_last.items()})
     metrics.update({
         "loss": -value, "objective/value": value, "objective/normalizer": n_sum,
         "grad_norm": optax.global_norm(grads), "nonfinite": (~finite).astype(jnp.int32),
@@ -102,11 +124,47 @@ def train_step(state: TrainState, micro_batches, progress, *, graphdef, rest, ob
     return new_state, metrics
 
 
-def make_train_step(**static):
-    """``jit(train_step)`` with the graph, objective and optimizer closed over and the state donated."""
-    return jax.jit(functools.partial(train_step, **static), donate_argnums=0)
+def init_train_state(params, optimizer, rng_key, mesh) -> TrainState:
+    """The initial state, every leaf committed to ``mesh`` (params keep their shardings, the rest is
+    replicated), so the donated state and the step's outputs always agree and nothing recompiles."""
+    opt_state = jax.jit(optimizer.init)(params)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=jax.random.key_data(rng_key))
+    return jax.device_put(state, state_shardings(state, mesh))
 
 
-def make_logprob_fn(graphdef, rest, prompt_len):
-    """Jitted completion log-probs under given params (old-policy log-probs before the updates)."""
-    return jax.jit(lambda params, ids, mask: completion_logprobs(graphdef, params, rest, ids, mask, prompt_len))
+def state_shardings(state, mesh):
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        return sharding if isinstance(sharding, NamedSharding) and sharding.mesh == mesh else replicated
+
+    return jax.tree.map(one, state)
+
+
+def micro_batch_shardings(batch, mesh):
+    """[M, rows, ...] arrays: rows over the data axes when they divide evenly, else replicated."""
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    shards = math.prod(mesh.shape[a] for a in axes)
+
+    def one(x):
+        ok = axes and x.shape[1] % shards == 0
+        return NamedSharding(mesh, PartitionSpec(None, axes) if ok else PartitionSpec())
+
+    return jax.tree.map(one, batch)
+
+
+def make_train_step(state, example_batch, mesh, *, rest, ref_params=None, **static):
+    """``jit(train_step)`` with explicit in/out shardings, the graph, objective and optimizer closed
+    over, and the state donated. Call it as ``step(state, micro_batches, progress, rest, ref_params)``."""
+    s_shard = state_shardings(state, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(functools.partial(train_step, **static), donate_argnums=0,
+                   in_shardings=(s_shard, micro_batch_shardings(example_batch, mesh), replicated,
+                                 state_shardings(rest, mesh), state_shardings(ref_params, mesh)),
+                   out_shardings=(s_shard, replicated))
+
+
+def make_logprob_fn(graphdef, prompt_len):
+    """Jitted ``f(params, rest, ids, mask)``: completion log-probs (old-policy log-probs before updates)."""
+    return jax.jit(lambda params, rest, ids, mask: completion_logprobs(graphdef, params, rest, ids, mask, prompt_len))

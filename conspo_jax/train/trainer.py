@@ -19,22 +19,25 @@ from conspo_jax.train import setup
 from conspo_jax.train.batching import build_rl_batch, split_micro_batches
 from conspo_jax.train.checkpoint import Checkpointer
 from conspo_jax.train.metrics import MetricsWriter, plot_reward_curve
-from conspo_jax.train.step import TrainState, make_logprob_fn, make_optimizer, make_train_step
+from conspo_jax.train.step import init_train_state, make_logprob_fn, make_optimizer, make_train_step
 
 
 def _say(msg):
     print(f"[conspo] {msg}", flush=True)
 
 
-def _make_engine(config, policy, tokenizer, mesh, stop_ids):
+def _make_engine(config, policy, tokenizer, mesh, stop_ids, version):
     if config.rollout.backend == "sidecar":
         from conspo_jax.sidecar.client import SidecarClient
 
-        return SidecarClient.from_config(config, tokenizer=tokenizer)
+        # Pushing now makes the first rollouts come from these weights, not the sidecar's checkpoint.
+        return SidecarClient.from_config(config, tokenizer=tokenizer, policy=policy, version=version)
     from conspo_jax.rollout.jax_engine import JaxEngine
 
+    # The KV cache keeps the compute dtype, so engine and trainer log-probs agree (fp32 runs: <= 1e-4).
     return JaxEngine(policy, eos_token_ids=stop_ids, pad_id=tokenizer.pad_token_id, mesh=mesh,
-                     prompt_bucket=config.rollout.prompt_bucket)
+                     prompt_bucket=config.rollout.prompt_bucket, cache_dtype=setup.DTYPES[config.model.dtype],
+                     version=version)
 
 
 def _prompt_iterator(config, records, num_epochs):
@@ -69,6 +72,7 @@ def engine_texts(rollouts, tokenizer):
 def train(config, workdir: str) -> dict:
     """Trains as ``config`` says, writing everything to ``workdir``; returns the final metrics row."""
     setup.validate(config)
+    setup.enable_compilation_cache(config)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config_to_json(config))
@@ -94,8 +98,7 @@ def train(config, workdir: str) -> dict:
     total_steps = config.train.num_steps or prompts_per_epoch * config.data.num_epochs
     num_epochs = -(-total_steps // prompts_per_epoch)
     optimizer, _ = make_optimizer(total_steps=total_steps, **config.optim)
-    key_data = jax.random.key_data(jax.random.key(config.seed))
-    state = TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=key_data)
+    state = init_train_state(params, optimizer, jax.random.key(config.seed), mesh)
     data_iter = _prompt_iterator(config, task.train_records, num_epochs)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts)
@@ -113,23 +116,22 @@ def train(config, workdir: str) -> dict:
         new_params = warm_start(graphdef, state.params, rest, task.train_records, task.encode, task.sft_target,
                                 tokenizer, steps=config.sft.steps, lr=config.sft.lr,
                                 batch_size=config.sft.batch_size, warmup_steps=config.sft.warmup_steps,
-                                seed=config.seed, width=width + r.max_new_tokens,
+                                seed=config.seed, width=width + r.max_new_tokens, mesh=mesh,
                                 log=lambda s, l: _say(f"  sft step {s}: loss {l:.3f}"))
-        state = state.replace(params=new_params, opt_state=optimizer.init(new_params))
+        state = init_train_state(new_params, optimizer, jax.random.key(config.seed), mesh)
         _say(f"warm start done in {time.time() - t0:.0f}s")
     start = int(state.step)
     writer = MetricsWriter(workdir, resume_step=start if resume is not None else None)
-    engine = _make_engine(config, nnx.merge(graphdef, state.params, rest), tokenizer, mesh, stop_ids)
+    engine = _make_engine(config, nnx.merge(graphdef, state.params, rest), tokenizer, mesh, stop_ids, start)
     engine.tokenizer = getattr(engine, "tokenizer", None) or tokenizer
 
     uses_ref = getattr(objective_fn, "uses_ref_logp", False) and any(
         float(kwargs.get(k, 0) or 0) > 0 for k in ("beta", "kl_coef"))
     ref_params = jax.tree.map(jnp.copy, state.params) if uses_ref else None
     micro_groups = config.train.micro_batch_groups or r.prompts_per_step // config.train.mini_batches
-    step_fn = make_train_step(graphdef=graphdef, rest=rest, objective=objective, num_groups=micro_groups,
-                              prompt_len=width, optimizer=optimizer, ref_params=ref_params)
+    step_fn = None  # built on the first batch, whose shapes fix the input shardings
     needs_old = getattr(objective_fn, "uses_old_logp", True) and config.train.mini_batches > 1
-    old_logp_fn = make_logprob_fn(graphdef, rest, width) if needs_old else None
+    old_logp_fn = make_logprob_fn(graphdef, width) if needs_old else None
 
     def sync_engine(step):
         if hasattr(engine, "set_state"):
@@ -159,9 +161,13 @@ def train(config, workdir: str) -> dict:
             dict(zip(records, vals)) for vals in zip(*records.values())]
         prompts = [task.encode(rec) for rec in records]
         seed = int(jax.random.randint(jax.random.fold_in(jax.random.wrap_key_data(state.rng), step), (), 0, 2**31 - 1))
-        rollouts = engine.generate(prompts, SamplingParams(
-            n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-            stop_token_ids=stop_ids, seed=seed))
+        sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                  max_new_tokens=r.max_new_tokens, stop_token_ids=stop_ids, seed=seed)
+        if r.backend == "sidecar":  # the sidecar verifies in its worker processes
+            rollouts = engine.generate(prompts, sampling, answers=[rec["answer"] for rec in records],
+                                       prompt_ids=[str(rec.get("id", i)) for i, rec in enumerate(records)])
+        else:
+            rollouts = engine.generate(prompts, sampling)
         t_gen = time.time() - t0
         answers = [records[g]["answer"] for g in rollouts.group_ids_R]
         rewards = getattr(rollouts, "rewards_R", None)
@@ -174,13 +180,17 @@ def train(config, workdir: str) -> dict:
         if old_logp_fn is not None:
             for mb in minis:
                 shape = mb["input_ids"].shape
-                flat = old_logp_fn(state.params, mb["input_ids"].reshape(-1, shape[-1]),
+                flat = old_logp_fn(state.params, rest, mb["input_ids"].reshape(-1, shape[-1]),
                                    mb["attention_mask"].reshape(-1, shape[-1]))
                 mb["old_logp"] = np.asarray(flat).reshape(shape[0], shape[1], -1)
         progress = jnp.float32(step / max(total_steps, 1))
         step_metrics = []
+        if step_fn is None:
+            step_fn = make_train_step(state, minis[0], mesh, rest=rest, ref_params=ref_params, graphdef=graphdef,
+                                      objective=objective, num_groups=micro_groups, prompt_len=width,
+                                      optimizer=optimizer, tis_cap=float(r.sidecar.tis_cap))
         for mb in minis:
-            state, m = step_fn(state, jax.tree.map(jnp.asarray, mb), progress)
+            state, m = step_fn(state, mb, progress, rest, ref_params)
             step_metrics.append(m)
         m = jax.device_get(step_metrics)
         row = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
@@ -223,6 +233,13 @@ def train(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         plot_reward_curve(workdir)
+        if config.train.export_hf:
+            from conspo_jax.models import save_hf_policy
+
+            export = os.path.join(workdir, "hf")
+            save_hf_policy(nnx.merge(graphdef, state.params, rest), export)
+            tokenizer.save_pretrained(export)
+            _say(f"exported the trained policy as a Hugging Face checkpoint: {export}")
         if "eval/accuracy_before" in results and "eval/accuracy_after" in results:
             b, a = results["eval/accuracy_before"], results["eval/accuracy_after"]
             _say(f"held-out accuracy: before RL {100 * b:.1f}%  after RL {100 * a:.1f}%  ({100 * (a - b):+.1f} points)")
