@@ -19,19 +19,20 @@ def get_config(arg=None):
     c.model.overrides = dict(num_layers=2, hidden_size=96, intermediate_size=256, num_heads=4, num_kv_heads=2,
                              head_dim=24, tie_word_embeddings=True, max_position_embeddings=64)
     c.data.max_prompt_len = 16
-    c.data.max_operand = 99
-    c.data.ops = "+-"
-    c.data.num_train = 6000
+    c.data.max_operand = 49
+    c.data.ops = "+"
+    c.data.pad_operands = True
+    c.data.num_train = 1500
     c.rollout.prompts_per_step = 32
     c.rollout.n = 8
     c.rollout.max_new_tokens = 8
     c.rollout.prompt_bucket = 16
     c.objective.name = "conspo"
-    c.optim.lr = 2e-4
+    c.optim.lr = 5e-4
     c.optim.warmup_steps = 5
-    c.train.num_steps = 120
+    c.train.num_steps = 100
     c.train.ckpt_every = 20
-    c.sft.steps = 300
+    c.sft.steps = 330
     c.sft.lr = 3e-3
     c.sft.batch_size = 64
     c.eval.every = 40

@@ -90,8 +90,6 @@ def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):
         srv.stop(grace=0)
 
 
-@pytest.mark.skipif(not os.environ.get("CONSPO_SLOW_TESTS"),
-                    reason="two short training runs, ~190 s of CPU; set CONSPO_SLOW_TESTS=1 to run")
 def test_training_through_the_sidecar_matches_the_embedded_engine(tmp_path):
     """Two ConSPO steps on the synthetic task, once with the embedded engine and once through a JAX
     sidecar over loopback gRPC (weights pushed as safetensors after every step). Same seeds, same

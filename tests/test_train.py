@@ -93,7 +93,7 @@ def rl_batch():
     return policy, batch
 
 
-def _one_update(policy, batch, name, *, mini_batches, micro_groups):
+def _one_update(policy, batch, name, *, mini_batches, micro_groups, poison_old_logp=False):
     graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
     params = jax.tree.map(jnp.copy, params)
     c = _smoke_config()
@@ -111,8 +111,10 @@ def _one_update(policy, batch, name, *, mini_batches, micro_groups):
     old_fn = make_logprob_fn(graphdef, 16)
     for mb in minis:
         s = mb["input_ids"].shape
-        mb["old_logp"] = np.asarray(old_fn(state.params, rest, mb["input_ids"].reshape(-1, s[-1]),
+        mb["old_logp"] = np.array(old_fn(state.params, rest, mb["input_ids"].reshape(-1, s[-1]),
                                            mb["attention_mask"].reshape(-1, s[-1]))).reshape(s[0], s[1], -1)
+        if poison_old_logp:
+            mb["old_logp"][0, 0, 0] = np.nan
     step = make_train_step(state, minis[0], mesh, rest=rest, ref_params=ref, graphdef=graphdef,
                            objective=lambda x, **kw: fn(x, **kw, **kwargs), num_groups=micro_groups, prompt_len=16,
                            optimizer=opt)
@@ -163,8 +165,6 @@ def test_checkpoint_loads_for_eval_and_exported_hf_matches(uninterrupted):
 
 def test_nonfinite_loss_skips_the_update(rl_batch):
     policy, batch = rl_batch
-    bad = dict(batch, rewards=batch["rewards"].copy())
-    bad["rewards"][0] = np.nan
-    metrics, moved = _one_update(policy, bad, "grpo", mini_batches=1, micro_groups=4)
+    metrics, moved = _one_update(policy, batch, "grpo", mini_batches=1, micro_groups=4, poison_old_logp=True)
     assert metrics[0]["nonfinite"] == 1
     assert moved == 0.0

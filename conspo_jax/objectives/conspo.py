@@ -175,6 +175,13 @@ def _scheduled_margin(name: str, progress, max_margin, warmup_ratio):
     return margin_schedule(progress, max_margin=max_margin, warmup_ratio=warmup_ratio)
 
 
+def _loglik_infonce(inputs: ObjectiveInputs, num_groups: int, reward_threshold: float, *, tau, margin):
+    """Eq. 15 on length-normalised log-likelihood scores: the core shared by ConSPO and its margin ablations."""
+    split = _split(inputs, num_groups, reward_threshold)
+    scores = sequence_scores(inputs.token_logp, _token_mask(inputs, split))
+    return infonce(scores, split, inputs.group_ids, num_groups, tau=tau, margin=margin)
+
+
 @register_objective("conspo", uses_old_logp=False)
 def conspo(
     inputs: ObjectiveInputs,
@@ -191,10 +198,7 @@ def conspo(
     Normaliser: number of valid groups."""
     check_positive("conspo", tau=tau)
     margin = _scheduled_margin("conspo", progress, max_margin, warmup_ratio)
-    split = _split(inputs, num_groups, reward_threshold)
-    scores = sequence_scores(inputs.token_logp, _token_mask(inputs, split))
-    return infonce(scores, split, inputs.group_ids, num_groups,
-                   tau=tau, margin=margin)
+    return _loglik_infonce(inputs, num_groups, reward_threshold, tau=tau, margin=margin)
 
 
 @register_objective("conspo_no_margin", uses_old_logp=False)
@@ -209,10 +213,7 @@ def conspo_no_margin(
     """Table 6 "w/o scheduled margin": Eq. 10 (m_t = 0). Normaliser: number of valid groups."""
     del progress
     check_positive("conspo_no_margin", tau=tau)
-    split = _split(inputs, num_groups, reward_threshold)
-    scores = sequence_scores(inputs.token_logp, _token_mask(inputs, split))
-    return infonce(scores, split, inputs.group_ids, num_groups,
-                   tau=tau, margin=0.0)
+    return _loglik_infonce(inputs, num_groups, reward_threshold, tau=tau, margin=0.0)
 
 
 @register_objective("conspo_fixed_margin", uses_old_logp=False)
@@ -230,10 +231,7 @@ def conspo_fixed_margin(
     del progress
     check_positive("conspo_fixed_margin", tau=tau)
     check_nonnegative("conspo_fixed_margin", margin=margin)
-    split = _split(inputs, num_groups, reward_threshold)
-    scores = sequence_scores(inputs.token_logp, _token_mask(inputs, split))
-    return infonce(scores, split, inputs.group_ids, num_groups,
-                   tau=tau, margin=margin)
+    return _loglik_infonce(inputs, num_groups, reward_threshold, tau=tau, margin=margin)
 
 
 @register_objective("conspo_no_loglik", uses_old_logp=True)

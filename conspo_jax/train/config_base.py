@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         train="", train_format="", max_prompt_len=PAPER["max_prompt_len"], num_epochs=4, shuffle=True,
         # the synthetic arithmetic task
-        num_train=4000, num_eval=200, max_operand=99, ops="+-",
+        num_train=4000, num_eval=200, max_operand=99, ops="+-", pad_operands=False,
     ))
     c.rollout = ml_collections.ConfigDict(dict(
         backend="jax", prompts_per_step=PAPER["prompts_per_step"], n=PAPER["n"],
@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(
         every=100, at_start=True, n=1, temperature=PAPER["eval_temperature"], top_p=PAPER["eval_top_p"],
         max_new_tokens=0,  # 0: rollout.max_new_tokens (the paper evaluates at the training length)
+        k=0,  # samples per problem; 0: the paper's protocol (avg@32 on AIME/HMMT/AMC, pass@1 elsewhere)
         benchmarks="aime24,aime25,hmmt25,math500,amc23,olympiadbench", limit=0, num_problems=200))
     return c
 

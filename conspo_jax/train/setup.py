@@ -130,7 +130,7 @@ def build_task(config, tokenizer) -> Task:
         from conspo_jax.data import arith
 
         d = config.data
-        kw = dict(seed=config.seed, max_operand=d.max_operand, ops=d.ops)
+        kw = dict(seed=config.seed, max_operand=d.max_operand, ops=d.ops, pad_operands=d.pad_operands)
         try:
             train = arith.make_arith_records("train", num=d.num_train, **kw)
             held_out = arith.make_arith_records("eval", num=config.eval.num_problems, **kw)

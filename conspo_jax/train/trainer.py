@@ -47,7 +47,7 @@ def _prompt_iterator(config, records, num_epochs):
                                num_epochs=num_epochs, shuffle=config.data.shuffle)
 
 
-def evaluate_held_out(engine, task, config, seed):
+def evaluate_held_out(engine, task, config, seed, tokenizer):
     """Mean verified reward on the held-out split (the demo's 'held-out accuracy')."""
     if not task.eval_records:
         return None
@@ -56,13 +56,9 @@ def evaluate_held_out(engine, task, config, seed):
                             max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens, seed=seed)
     prompts = [task.encode(r) for r in task.eval_records]
     out = engine.generate(prompts, params)
-    texts = engine_texts(out, engine_tokenizer(engine))
+    texts = engine_texts(out, tokenizer)
     answers = [task.eval_records[g]["answer"] for g in out.group_ids_R]
     return float(np.mean(task.reward(texts, answers)))
-
-
-def engine_tokenizer(engine):
-    return getattr(engine, "tokenizer", None)
 
 
 def engine_texts(rollouts, tokenizer):
@@ -123,7 +119,6 @@ def train(config, workdir: str) -> dict:
     start = int(state.step)
     writer = MetricsWriter(workdir, resume_step=start if resume is not None else None)
     engine = _make_engine(config, nnx.merge(graphdef, state.params, rest), tokenizer, mesh, stop_ids, start)
-    engine.tokenizer = getattr(engine, "tokenizer", None) or tokenizer
 
     uses_ref = getattr(objective_fn, "uses_ref_logp", False) and any(
         float(kwargs.get(k, 0) or 0) > 0 for k in ("beta", "kl_coef"))
@@ -141,7 +136,7 @@ def train(config, workdir: str) -> dict:
 
     results = {}
     if start == 0 and config.eval.at_start:
-        acc = evaluate_held_out(engine, task, config, seed=config.seed + 10_000)
+        acc = evaluate_held_out(engine, task, config, config.seed + 10_000, tokenizer)
         if acc is not None:
             results["eval/accuracy_before"] = acc
             writer.write(0, {"eval/accuracy": acc})
@@ -210,7 +205,7 @@ def train(config, workdir: str) -> dict:
         sync_engine(step + 1)
         done = step + 1
         if config.eval.every and (done % config.eval.every == 0 or done == total_steps):
-            acc = evaluate_held_out(engine, task, config, seed=config.seed + 10_000)
+            acc = evaluate_held_out(engine, task, config, config.seed + 10_000, tokenizer)
             if acc is not None:
                 row["eval/accuracy"] = acc
         writer.write(done, row)
