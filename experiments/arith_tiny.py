@@ -1,8 +1,9 @@
 """The default experiment: ConSPO on synthetic arithmetic with a tiny decoder, from scratch, on a CPU.
 
-A short supervised warm start (see conspo_jax/train/sft.py) brings the pass rate strictly between
-0 and 1, then ConSPO trains. Arguments: '' (the full demo, a few minutes on 2 CPU cores) or 'smoke'
-(a few steps, for the test suite).
+The task is zero-padded two-operand addition (0-49). A short supervised warm start (see
+conspo_jax/train/sft.py) brings the pass rate strictly between 0 and 1, then ConSPO trains.
+Measured 2026-11-26 on 2 CPU cores: held-out accuracy 12.5% -> 29.3% (+16.8 points), 3 min 54 s.
+Arguments: '' (the full demo) or 'smoke' (a few steps, for the test suite).
 
     conspo train --config experiments/arith_tiny.py --workdir runs/arith_tiny
 """
@@ -28,14 +29,14 @@ def get_config(arg=None):
     c.rollout.max_new_tokens = 8
     c.rollout.prompt_bucket = 16
     c.objective.name = "conspo"
-    c.optim.lr = 5e-4
+    c.optim.lr = 3e-4
     c.optim.warmup_steps = 5
-    c.train.num_steps = 100
+    c.train.num_steps = 300
     c.train.ckpt_every = 20
-    c.sft.steps = 330
+    c.sft.steps = 400
     c.sft.lr = 3e-3
     c.sft.batch_size = 64
-    c.eval.every = 40
+    c.eval.every = 100
     c.eval.num_problems = 256
     c.eval.n = 1
     if arg == "smoke":

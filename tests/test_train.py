@@ -93,7 +93,7 @@ def rl_batch():
     return policy, batch
 
 
-def _one_update(policy, batch, name, *, mini_batches, micro_groups, poison_old_logp=False):
+def _one_update(policy, batch, name, *, mini_batches, micro_groups, poison_old_logp=False, repeat=1):
     graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
     params = jax.tree.map(jnp.copy, params)
     c = _smoke_config()
@@ -119,7 +119,7 @@ def _one_update(policy, batch, name, *, mini_batches, micro_groups, poison_old_l
                            objective=lambda x, **kw: fn(x, **kw, **kwargs), num_groups=micro_groups, prompt_len=16,
                            optimizer=opt)
     metrics = []
-    for mb in minis:
+    for mb in minis * repeat:
         state, m = step(state, mb, jnp.float32(0.5), rest, ref)
         metrics.append(jax.device_get(m))
     moved = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in
@@ -161,6 +161,14 @@ def test_checkpoint_loads_for_eval_and_exported_hf_matches(uninterrupted):
     a, b, f = (np.asarray(token_logprobs(p, ids, mask)) for p in (from_ckpt, from_hf, fresh))
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert np.max(np.abs(a - f)) > 1e-3  # training changed the policy: the test would see a stale load
+
+
+@pytest.mark.parametrize("name", ["conspo", "grpo"])
+def test_an_update_increases_the_objective_on_its_batch(rl_batch, name):
+    """The step ascends J: re-evaluating the same batch after one update gives a larger value."""
+    policy, batch = rl_batch
+    (first, second), _ = _one_update(policy, batch, name, mini_batches=1, micro_groups=4, repeat=2)
+    assert second["objective/value"] > first["objective/value"] + 1e-4, (first["objective/value"], second["objective/value"])
 
 
 def test_nonfinite_loss_skips_the_update(rl_batch):

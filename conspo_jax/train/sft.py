@@ -52,7 +52,8 @@ def warm_start(graphdef, params, rest, records, encode, target, tokenizer, *, st
                warmup_steps, seed, width, mesh=None, log=None):
     """Runs ``steps`` AdamW steps of supervised training; returns the new params."""
     ids, attn, tmask = encode_sft(records, encode, target, tokenizer, width)
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(steps, warmup_steps + 1), lr * 0.1)
+    warm = max(warmup_steps, 1)
+    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
     optimizer = optax.adamw(sched, weight_decay=0.0)
     opt_state = jax.jit(optimizer.init)(params)
     if mesh is not None:  # commit every leaf to the mesh so the donated step never recompiles
