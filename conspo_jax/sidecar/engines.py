@@ -94,8 +94,8 @@ def build_engine(name: str, config=None, **overrides) -> EngineHandle:
 def _build_jax(config, *, cache_dtype=None, **_):
     """The embedded JAX sampler over the config's policy; PushWeights reloads with load_hf_policy.
 
-    cache_dtype: KV-cache dtype (default: JaxEngine's, as in the trainer's embedded engine); float32
-    with a float32 model makes the sidecar's log-probs match the trainer's to ~1e-6.
+    cache_dtype: KV-cache dtype; by default the model's compute dtype, exactly as the trainer's embedded
+    engine, so a float32 model's sidecar log-probs match the trainer's to ~1e-6.
     """
     if config is None:
         raise ValueError("the jax sidecar engine needs the experiment config (--config)")
@@ -110,9 +110,9 @@ def _build_jax(config, *, cache_dtype=None, **_):
     mesh = setup.build_mesh(config)
     policy = setup.build_policy(config, tokenizer, mesh, seed=config.seed)
     stop_ids = setup.stop_token_ids(tokenizer, policy.config)
-    extra = {} if cache_dtype is None else {"cache_dtype": cache_dtype}
     engine = JaxEngine(policy, eos_token_ids=stop_ids, pad_id=tokenizer.pad_token_id, mesh=mesh,
-                       prompt_bucket=config.rollout.prompt_bucket, **extra)
+                       prompt_bucket=config.rollout.prompt_bucket,
+                       cache_dtype=cache_dtype or setup.DTYPES[config.model.dtype])
     load_opts = dict(dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype), mesh=mesh)
 
     def load(path, version):
