@@ -70,3 +70,41 @@ def test_eval_command_on_tiny_random_policy(tmp_path):
     row = out["table"].splitlines()[2].split(" | ")
     assert row[0] == "| tiny" and row[1] == f"{aime['score']:.1f}" and row[4] == f"{math['score']:.1f}"
     assert row[2] == row[3] == row[5] == row[6] == "-"
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason=f"shared data not found at {SHARED_DATA}")
+def test_math_training_path_end_to_end(tmp_path):
+    """`conspo train` on the math task: HF checkpoint load, real GSM8K training rows through the chat
+    prompt, math_reward in worker processes, a ConSPO step, benchmark evaluation during training, and
+    the HF export of the trained policy."""
+    from conspo_jax.models import get_model_config, init_policy, save_hf_policy
+    from conspo_jax.train.config_base import base_config
+    from conspo_jax.train.metrics import read_metrics
+    from conspo_jax.train.trainer import train
+
+    ckpt = str(tmp_path / "tiny")
+    tok = _byte_tokenizer()
+    arch = get_model_config("tiny-qwen2", vocab_size=320, num_layers=1, max_position_embeddings=2048,
+                            bos_token_id=None, eos_token_id=tok.eos_token_id)
+    save_hf_policy(init_policy(arch, seed=0), ckpt)
+    tok.save_pretrained(ckpt)
+
+    os.environ.setdefault("CONSPO_DATA_DIR", SHARED_DATA)
+    c = base_config()
+    c.model.path = ckpt
+    c.model.dtype = "float32"
+    c.data.train = "gsm8k_train"
+    c.data.max_prompt_len = 512
+    c.rollout.prompts_per_step, c.rollout.n, c.rollout.max_new_tokens = 2, 2, 4
+    c.rollout.prompt_bucket = 512
+    c.train.num_steps, c.train.ckpt_every, c.train.progress_bar = 1, 1, False
+    c.eval.benchmarks, c.eval.limit, c.eval.k, c.eval.every = "aime24", 1, 2, 1
+    workdir = str(tmp_path / "run")
+    train(c, workdir)
+
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert rows[1]["reward/mean"] == 0.0  # a random policy does not box the right answer in 4 tokens
+    assert "eval/aime24" in rows[0] and "eval/aime24" in rows[1]
+    assert os.path.exists(os.path.join(workdir, "eval", "step_1", "samples.jsonl"))
+    assert os.path.exists(os.path.join(workdir, "hf", "config.json"))

@@ -61,6 +61,25 @@ def evaluate_held_out(engine, task, config, seed, tokenizer):
     return float(np.mean(task.reward(texts, answers)))
 
 
+def run_evaluation(engine, task, config, tokenizer, workdir, step, stop_ids) -> dict:
+    """Scalars for metrics.jsonl: held-out accuracy (synthetic task) or the paper's benchmarks (math)."""
+    if task.eval_records:
+        return {"eval/accuracy": evaluate_held_out(engine, task, config, config.seed + 10_000, tokenizer)}
+    e = config.eval
+    names = [b for b in str(e.benchmarks).split(",") if b]
+    if not names:
+        return {}
+    from conspo_jax.evals.runner import evaluate
+
+    res = evaluate(engine, tokenizer, names, out_dir=os.path.join(workdir, "eval", f"step_{step}"),
+                   max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens, k_overrides=e.k or None,
+                   temperature=e.temperature, top_p=e.top_p, seed=config.seed, limit=e.limit or None,
+                   stop_token_ids=stop_ids, label=f"step {step}", progress=False)
+    out = {f"eval/{name}": float(b["score"]) for name, b in res["benchmarks"].items()}
+    out["eval/accuracy"] = float(res["average"])
+    return out
+
+
 def engine_texts(rollouts, tokenizer):
     return [tokenizer.decode(c, skip_special_tokens=True) for c in rollouts.completions()]
 
@@ -136,11 +155,11 @@ def train(config, workdir: str) -> dict:
 
     results = {}
     if start == 0 and config.eval.at_start:
-        acc = evaluate_held_out(engine, task, config, config.seed + 10_000, tokenizer)
-        if acc is not None:
-            results["eval/accuracy_before"] = acc
-            writer.write(0, {"eval/accuracy": acc})
-            _say(f"held-out accuracy before RL: {acc:.3f}")
+        ev = run_evaluation(engine, task, config, tokenizer, workdir, 0, stop_ids)
+        if ev:
+            results["eval/accuracy_before"] = ev["eval/accuracy"]
+            writer.write(0, ev)
+            _say(f"held-out accuracy before RL: {ev['eval/accuracy']:.3f}")
     elif resume is not None and os.path.exists(os.path.join(workdir, "results.json")):
         results.update(json.load(open(os.path.join(workdir, "results.json"))))
 
@@ -205,9 +224,7 @@ def train(config, workdir: str) -> dict:
         sync_engine(step + 1)
         done = step + 1
         if config.eval.every and (done % config.eval.every == 0 or done == total_steps):
-            acc = evaluate_held_out(engine, task, config, config.seed + 10_000, tokenizer)
-            if acc is not None:
-                row["eval/accuracy"] = acc
+            row.update(run_evaluation(engine, task, config, tokenizer, workdir, done, stop_ids))
         writer.write(done, row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", **({"eval": f"{row['eval/accuracy']:.3f}"}
