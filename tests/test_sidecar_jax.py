@@ -12,6 +12,7 @@ from flax import nnx
 from conspo_jax.configs import load_config_module
 from conspo_jax.rollout.engine import SamplingParams
 from conspo_jax.sidecar.client import SidecarClient
+from conspo_jax.sidecar.sglang_check import trainer_logprobs
 from conspo_jax.sidecar.server import SidecarOptions, serve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,25 +24,6 @@ def smoke_config():
     c.train.progress_bar = False
     c.sft.steps = 0  # both sides then start from the same seeded random init
     return c
-
-
-def trainer_logprobs(policy, prompts, rollouts):
-    """fp32 log-probs of every completion token under ``policy``, computed the trainer's way."""
-    from conspo_jax.models import token_logprobs
-
-    rows = [list(prompts[g]) + c for g, c in zip(rollouts.group_ids_R, rollouts.completions())]
-    width = max(map(len, rows))
-    ids = np.zeros((len(rows), width), np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-    logp = np.asarray(jax.jit(token_logprobs)(policy, jnp.asarray(ids), jnp.asarray(mask)))
-    out = np.zeros_like(rollouts.logprobs_RxT)
-    for i, g in enumerate(rollouts.group_ids_R):
-        plen, n = len(prompts[g]), int(rollouts.completion_lens_R[i])
-        out[i, :n] = logp[i, plen - 1: plen - 1 + n]
-    return out
 
 
 def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):

@@ -99,24 +99,23 @@ def _stop(proc):
             proc.wait(timeout=10)
 
 
-def _trainer_logprobs(policy, prompts, rollouts):
+def trainer_logprobs(policy, prompts, rollouts):
+    """fp32 log-probs of every completion token under ``policy``, through the trainer's own batching
+    (left-padded prompts, ``build_rl_batch``) and log-prob function (``completion_logprobs``)."""
     import jax
-    import jax.numpy as jnp
+    from flax import nnx
 
-    from conspo_jax.models import token_logprobs
+    from conspo_jax.train.batching import build_rl_batch
+    from conspo_jax.train.step import completion_logprobs
 
-    rows = [list(prompts[g]) + c for g, c in zip(rollouts.group_ids_R, rollouts.completions())]
-    width = max(map(len, rows))
-    ids = np.zeros((len(rows), width), np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = r, 1
-    logp = np.asarray(jax.jit(token_logprobs)(policy, jnp.asarray(ids), jnp.asarray(mask)))
-    out = np.zeros_like(rollouts.logprobs_RxT)
-    for i, g in enumerate(rollouts.group_ids_R):
-        plen, n = len(prompts[g]), int(rollouts.completion_lens_R[i])
-        out[i, :n] = logp[i, plen - 1: plen - 1 + n]
-    return out
+    prompt_len = max(map(len, prompts))
+    width = rollouts.completion_ids_RxT.shape[1]
+    batch = build_rl_batch(prompts, rollouts, np.zeros(rollouts.num_rows, np.float32), prompt_len=prompt_len,
+                           completion_len=width, pad_id=rollouts.pad_id)
+    graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+    logp = jax.jit(completion_logprobs, static_argnums=(0, 5))(
+        graphdef, params, rest, batch["input_ids"], batch["attention_mask"], prompt_len)
+    return np.asarray(logp) * batch["completion_mask"]
 
 
 def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: float, start_timeout_s: float) -> dict:
@@ -154,7 +153,7 @@ def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: fl
             distinct = [len({tuple(c) for c in comps[p * params.n:(p + 1) * params.n]}) for p in range(len(prompts))]
             assert min(distinct) > 1, f"samples of a group are identical (seeds not distinct?): {distinct}"
             out["tokens"] = int(mask.sum())
-            out["init_mismatch_mean"] = float(logprob_mismatch(_trainer_logprobs(init_policy_, prompts, ro),
+            out["init_mismatch_mean"] = float(logprob_mismatch(trainer_logprobs(init_policy_, prompts, ro),
                                                                ro.logprobs_RxT, mask))
 
             t0 = time.perf_counter()
@@ -165,8 +164,8 @@ def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: fl
             ro = client.generate(prompts, params, answers=answers)
             mask = ro.completion_mask_RxT()
             assert ro.weight_version == 1
-            new = float(logprob_mismatch(_trainer_logprobs(trainer_policy, prompts, ro), ro.logprobs_RxT, mask))
-            old = float(logprob_mismatch(_trainer_logprobs(init_policy_, prompts, ro), ro.logprobs_RxT, mask))
+            new = float(logprob_mismatch(trainer_logprobs(trainer_policy, prompts, ro), ro.logprobs_RxT, mask))
+            old = float(logprob_mismatch(trainer_logprobs(init_policy_, prompts, ro), ro.logprobs_RxT, mask))
             out.update(pushed_mismatch_mean=new, pushed_vs_old_weights_mismatch_mean=old)
             assert new <= tolerance, f"mean |Δ logp| {new} after the push exceeds {tolerance}"
             assert old > 10 * max(new, 1e-6), f"the push did not change the engine's weights ({old} vs {new})"
