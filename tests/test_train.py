@@ -101,12 +101,11 @@ def _one_update(policy, batch, name, *, mini_batches, micro_groups, poison_old_l
     from conspo_jax.objectives import get_objective
 
     fn = get_objective(name)
-    opt, _ = make_optimizer(1e-3, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
-                            total_steps=10)
+    opt = make_optimizer(1e-3, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
     mesh = setup.build_mesh(_smoke_config())
     state = init_train_state(params, opt, jax.random.key(0), mesh)
     before = jax.tree.map(np.asarray, state.params)
-    ref = jax.tree.map(jnp.copy, state.params) if getattr(fn, "uses_ref_logp", False) else None
+    ref = jax.tree.map(jnp.copy, state.params) if fn.requires_ref_logp(**kwargs) else None
     minis = split_micro_batches(batch, mini_batches=mini_batches, micro_batch_groups=micro_groups)
     old_fn = make_logprob_fn(graphdef, 16)
     for mb in minis:

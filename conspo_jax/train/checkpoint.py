@@ -66,7 +66,7 @@ def load_policy_for_eval(config, checkpoint: str, *, tokenizer, mesh):
         raise UsageError(f"--checkpoint: no finished checkpoint in {directory!r}")
     policy = setup.build_policy(config, tokenizer, mesh, seed=config.seed)
     graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
-    optimizer, _ = make_optimizer(total_steps=1, **config.optim)
+    optimizer = make_optimizer(**config.optim)
     # A concrete target gives Orbax every leaf's sharding; the optimizer moments are dropped at return.
     state, _, _ = ckpt.restore(step, init_train_state(params, optimizer, jax.random.key(0), mesh))
     ckpt.close()

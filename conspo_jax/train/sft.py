@@ -52,9 +52,9 @@ def warm_start(graphdef, params, rest, records, encode, target, tokenizer, *, st
                warmup_steps, seed, width, mesh=None, log=None):
     """Runs ``steps`` AdamW steps of supervised training; returns the new params."""
     ids, attn, tmask = encode_sft(records, encode, target, tokenizer, width)
-    warm = max(warmup_steps, 1)
-    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
-    optimizer = optax.adamw(sched, weight_decay=0.0)
+    from conspo_jax.train.step import warmup_then_constant
+
+    optimizer = optax.adamw(warmup_then_constant(lr, max(warmup_steps, 1)), weight_decay=0.0)
     opt_state = jax.jit(optimizer.init)(params)
     if mesh is not None:  # commit every leaf to the mesh so the donated step never recompiles
         from conspo_jax.train.step import state_shardings

@@ -35,16 +35,21 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so it checkpoints like any array
 
 
-def make_optimizer(lr, *, warmup_steps, weight_decay, b1, b2, eps, grad_clip, total_steps):
-    """AdamW with linear warm-up (then constant, as in the paper's RL runs) and global-norm clipping."""
+def warmup_then_constant(lr, warmup_steps):
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then constant (the paper's RL schedule)."""
     warm = max(int(warmup_steps), 0)
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm]) if warm else lr
+    if not warm:
+        return lr
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm])
+
+
+def make_optimizer(lr, *, warmup_steps, weight_decay, b1, b2, eps, grad_clip):
+    """AdamW on ``warmup_then_constant`` with global-norm clipping; non-finite updates are skipped."""
     chain = optax.chain(
         optax.clip_by_global_norm(grad_clip) if grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
+        optax.adamw(warmup_then_constant(lr, warmup_steps), b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
     )
-    return optax.apply_if_finite(chain, max_consecutive_errors=2**30), schedule
+    return optax.apply_if_finite(chain, max_consecutive_errors=2**30)
 
 
 def completion_logprobs(graphdef, params, rest, input_ids, attention_mask, prompt_len):

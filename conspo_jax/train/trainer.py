@@ -112,7 +112,7 @@ def train(config, workdir: str) -> dict:
                          f"{len(task.train_records)} training prompts")
     total_steps = config.train.num_steps or prompts_per_epoch * config.data.num_epochs
     num_epochs = -(-total_steps // prompts_per_epoch)
-    optimizer, _ = make_optimizer(total_steps=total_steps, **config.optim)
+    optimizer = make_optimizer(**config.optim)
     state = init_train_state(params, optimizer, jax.random.key(config.seed), mesh)
     data_iter = _prompt_iterator(config, task.train_records, num_epochs)
 
@@ -139,12 +139,10 @@ def train(config, workdir: str) -> dict:
     writer = MetricsWriter(workdir, resume_step=start if resume is not None else None)
     engine = _make_engine(config, nnx.merge(graphdef, state.params, rest), tokenizer, mesh, stop_ids, start)
 
-    uses_ref = getattr(objective_fn, "uses_ref_logp", False) and any(
-        float(kwargs.get(k, 0) or 0) > 0 for k in ("beta", "kl_coef"))
-    ref_params = jax.tree.map(jnp.copy, state.params) if uses_ref else None
+    ref_params = jax.tree.map(jnp.copy, state.params) if objective_fn.requires_ref_logp(**kwargs) else None
     micro_groups = config.train.micro_batch_groups or r.prompts_per_step // config.train.mini_batches
     step_fn = None  # built on the first batch, whose shapes fix the input shardings
-    needs_old = getattr(objective_fn, "uses_old_logp", True) and config.train.mini_batches > 1
+    needs_old = objective_fn.uses_old_logp and config.train.mini_batches > 1
     old_logp_fn = make_logprob_fn(graphdef, width) if needs_old else None
 
     def sync_engine(step):
@@ -170,9 +168,7 @@ def train(config, workdir: str) -> dict:
     row, nonfinite_run = {}, 0
     for step in range(start, total_steps):
         t0 = time.time()
-        records = next(data_iter)
-        records = list(records) if not isinstance(records, dict) else [
-            dict(zip(records, vals)) for vals in zip(*records.values())]
+        records = next(data_iter)  # a list of {id, problem, answer} records
         prompts = [task.encode(rec) for rec in records]
         seed = int(jax.random.randint(jax.random.fold_in(jax.random.wrap_key_data(state.rng), step), (), 0, 2**31 - 1))
         sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
