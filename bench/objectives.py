@@ -79,8 +79,9 @@ def main():
     logp, mask, rewards, group_ids = make_batch(args.groups, args.rollouts, args.tokens)
     objective = get_objective("conspo")
     hparams = objective.defaults
-    margin = float(margin_schedule(args.progress, max_margin=hparams["max_margin"],
-                                   warmup_ratio=hparams["warmup_ratio"]))
+    margin = float(
+        margin_schedule(args.progress, max_margin=hparams["max_margin"], warmup_ratio=hparams["warmup_ratio"])
+    )
 
     def loss(token_logp, mask, rewards, group_ids, progress):
         inputs = ObjectiveInputs(token_logp=token_logp, mask=mask, rewards=rewards, group_ids=group_ids)
@@ -105,18 +106,28 @@ def main():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    print(f"shape            {args.groups} groups x {args.rollouts} rollouts x {args.tokens} tokens "
-          f"({args.groups * args.rollouts} rollouts), tau={hparams['tau']}, margin={margin:.4g}")
-    print(f"device           {device.platform}:{device.device_kind} ({jax.device_count()} devices), "
-          f"host CPU {cpu}, {os.cpu_count()} cores")
-    load = ", load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    print(
+        f"shape            {args.groups} groups x {args.rollouts} rollouts x {args.tokens} tokens "
+        f"({args.groups * args.rollouts} rollouts), tau={hparams['tau']}, margin={margin:.4g}"
+    )
+    print(
+        f"device           {device.platform}:{device.device_kind} ({jax.device_count()} devices), "
+        f"host CPU {cpu}, {os.cpu_count()} cores"
+    )
+    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
     print(f"host             {platform.node()}{load}")
-    print(f"versions         jax {jax.__version__}, jaxlib {jax.lib.__version__}, numpy {np.__version__}, "
-          f"python {platform.python_version()}")
-    print(f"agreement        |J_jax - J_np| = {abs(float(value) - np_value):.2e} (J = {np_value:.6f}), "
-          f"max |grad_jax - grad_np| = {np.abs(np.asarray(grad) - np_grad).max():.2e}")
-    print(f"jax jit          {jax_s * 1e3:9.2f} ms  (value + grad, median of {args.repeats}; first call "
-          f"incl. compile {compile_s:.2f} s)")
+    print(
+        f"versions         jax {jax.__version__}, jaxlib {jax.lib.__version__}, numpy {np.__version__}, "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"agreement        |J_jax - J_np| = {abs(float(value) - np_value):.2e} (J = {np_value:.6f}), "
+        f"max |grad_jax - grad_np| = {np.abs(np.asarray(grad) - np_grad).max():.2e}"
+    )
+    print(
+        f"jax jit          {jax_s * 1e3:9.2f} ms  (value + grad, median of {args.repeats}; first call "
+        f"incl. compile {compile_s:.2f} s)"
+    )
     print(f"numpy loop       {np_s * 1e3:9.2f} ms  (value + grad, per-group loop, median of {args.repeats})")
     print(f"speed-up         {np_s / jax_s:9.1f} x")
 

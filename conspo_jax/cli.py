@@ -53,8 +53,9 @@ def _run_eval(fv):
 
     if bool(fv.checkpoint) == bool(fv.hf):
         raise UsageError("eval needs exactly one of --checkpoint DIR or --hf PATH")
-    run_eval_command(fv.config, checkpoint=fv.checkpoint, hf=fv.hf, benchmarks=fv.benchmarks,
-                     workdir=fv.workdir or "runs/eval")
+    run_eval_command(
+        fv.config, checkpoint=fv.checkpoint, hf=fv.hf, benchmarks=fv.benchmarks, workdir=fv.workdir or "runs/eval"
+    )
     return 0
 
 

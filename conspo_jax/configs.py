@@ -38,7 +38,7 @@ def load_config_module(spec: str) -> ml_collections.ConfigDict:
 def _override_keys(argv):
     for a in argv:
         if a.startswith("--config."):
-            yield a[len("--config."):].split("=", 1)[0], a
+            yield a[len("--config.") :].split("=", 1)[0], a
 
 
 def _has_key(config, dotted: str) -> bool:
@@ -58,8 +58,9 @@ def parse_command_line(argv, define_flags) -> flags.FlagValues:
     Any problem raises ``UsageError`` naming the flag, key or value.
     """
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Experiment config module path.py[:arg].", flag_values=fv,
-                                    lock_config=True, sys_argv=list(argv))
+    config_flags.DEFINE_config_file(
+        "config", None, "Experiment config module path.py[:arg].", flag_values=fv, lock_config=True, sys_argv=list(argv)
+    )
     define_flags(fv)
     config_spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if config_spec is None and "--config" in argv[:-1]:

@@ -17,8 +17,16 @@ def get_config(arg=None):
     c.tokenizer = "arith"
     c.model.arch = "tiny-qwen2"
     c.model.dtype = "float32"
-    c.model.overrides = dict(num_layers=2, hidden_size=96, intermediate_size=256, num_heads=4, num_kv_heads=2,
-                             head_dim=24, tie_word_embeddings=True, max_position_embeddings=64)
+    c.model.overrides = dict(
+        num_layers=2,
+        hidden_size=96,
+        intermediate_size=256,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=24,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+    )
     c.data.max_prompt_len = 16
     c.data.max_operand = 49
     c.data.ops = "+"

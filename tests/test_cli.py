@@ -18,19 +18,42 @@ def _run(capsys, *args):
     return code, err
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.nope=3"], "unknown config key 'rollout.nope'"),
-    (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.n=abc"], "--config.rollout.n=abc"),
-    (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.objective.name=ppo"], "objective.name"),
-    (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.n=0"], "rollout.n must be a positive group size, got 0"),
-    (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.n=-2"], "got -2"),
-    (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.model.path=/no/such/ckpt"], "model.path: no such checkpoint directory '/no/such/ckpt'"),
-    (["train", "--config=experiments/r1_distill_qwen_1p5b.py", "--workdir=/tmp/x", "--config.data.train=/no/such.json"], "no such"),
-    (["train", "--config=experiments/missing.py", "--workdir=/tmp/x"], "no such config file 'experiments/missing.py'"),
-    (["train", f"--config={ARITH}"], "--workdir is required"),
-    (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--bogus=1"], "bogus"),
-    (["eval", f"--config={ARITH}"], "exactly one of --checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.nope=3"],
+            "unknown config key 'rollout.nope'",
+        ),
+        (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.n=abc"], "--config.rollout.n=abc"),
+        (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.objective.name=ppo"], "objective.name"),
+        (
+            ["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.n=0"],
+            "rollout.n must be a positive group size, got 0",
+        ),
+        (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.n=-2"], "got -2"),
+        (
+            ["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.model.path=/no/such/ckpt"],
+            "model.path: no such checkpoint directory '/no/such/ckpt'",
+        ),
+        (
+            [
+                "train",
+                "--config=experiments/r1_distill_qwen_1p5b.py",
+                "--workdir=/tmp/x",
+                "--config.data.train=/no/such.json",
+            ],
+            "no such",
+        ),
+        (
+            ["train", "--config=experiments/missing.py", "--workdir=/tmp/x"],
+            "no such config file 'experiments/missing.py'",
+        ),
+        (["train", f"--config={ARITH}"], "--workdir is required"),
+        (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--bogus=1"], "bogus"),
+        (["eval", f"--config={ARITH}"], "exactly one of --checkpoint"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(capsys, args, needle):
     code, err = _run(capsys, *args)
     assert code == 2
@@ -44,7 +67,12 @@ def test_unknown_command(capsys):
 
 
 def test_console_entry_point_exit_code_and_no_traceback():
-    proc = subprocess.run([sys.executable, "-m", "conspo_jax", "train", f"--config={ARITH}", "--workdir=/tmp/x",
-                           "--config.rollout.n=0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "conspo_jax", "train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.n=0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "rollout.n" in proc.stderr

@@ -62,7 +62,12 @@ def test_set_specific_normalisation():
 FILE_CASES = {
     "aime24/dapo_aime-2024.parquet": (960, "2", "540", "Find the largest possible real part"),  # DAPO wrapper gone
     "aime24/deepscaler_aime.json": (30, "0", "204", "Every morning Aya"),
-    "math500/deepscaler_math.json": (500, "test/precalculus/807.json", "\\left( 3, \\frac{\\pi}{2} \\right)", "Convert"),
+    "math500/deepscaler_math.json": (
+        500,
+        "test/precalculus/807.json",
+        "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "Convert",
+    ),
     "minerva_math/deepscaler_minerva.json": (272, "9", "9.6", "If the Bohr energy levels scale as $Z^{2}$"),
     "olympiadbench/deepscaler_olympiad_bench.json": (675, "1606", "2", "Xenia and Sergey"),
 }
@@ -79,20 +84,33 @@ def test_load_records_generic(rel):
 
 
 def test_load_records_formats_and_errors(tmp_path):
-    rows = [{"question": "What is 1+1?", "final_answer": ["$2$"], "idx": 7},
-            {"prompt": [{"role": "system", "content": "sys"}, {"role": "user", "content": "Solve the following math "
-             "problem step by step. The last line of your response should be of the form Answer: $Answer (without "
-             "quotes) where $Answer is the answer to the problem.\n\nFind x.\n\nRemember to put your answer on its "
-             "own line after \"Answer:\"."}], "reward_model": {"ground_truth": "3"}},
-            {"problem": "Q", "solution": "so \\boxed{\\frac{1}{2}}."},
-            {"problem": "Q2", "answer": 27.0}]
+    rows = [
+        {"question": "What is 1+1?", "final_answer": ["$2$"], "idx": 7},
+        {
+            "prompt": [
+                {"role": "system", "content": "sys"},
+                {
+                    "role": "user",
+                    "content": "Solve the following math "
+                    "problem step by step. The last line of your response should be of the form Answer: $Answer (without "
+                    "quotes) where $Answer is the answer to the problem.\n\nFind x.\n\nRemember to put your answer on its "
+                    'own line after "Answer:".',
+                },
+            ],
+            "reward_model": {"ground_truth": "3"},
+        },
+        {"problem": "Q", "solution": "so \\boxed{\\frac{1}{2}}."},
+        {"problem": "Q2", "answer": 27.0},
+    ]
     p = tmp_path / "x.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows))
     recs = md.load_records(str(p))
-    assert recs == [{"id": "7", "problem": "What is 1+1?", "answer": "$2$"},
-                    {"id": "1", "problem": "Find x.", "answer": "3"},
-                    {"id": "2", "problem": "Q", "answer": "\\frac{1}{2}"},
-                    {"id": "3", "problem": "Q2", "answer": "27"}]
+    assert recs == [
+        {"id": "7", "problem": "What is 1+1?", "answer": "$2$"},
+        {"id": "1", "problem": "Find x.", "answer": "3"},
+        {"id": "2", "problem": "Q", "answer": "\\frac{1}{2}"},
+        {"id": "3", "problem": "Q2", "answer": "27"},
+    ]
     j = tmp_path / "x.json"
     j.write_text(json.dumps(rows))
     assert md.load_records(str(j)) == recs
@@ -141,8 +159,10 @@ def test_load_hf_without_datasets_is_a_clear_error():
 
 
 def test_build_prompt_plain_and_chat():
-    assert build_prompt("What is 1+1?") == "What is 1+1? Let's think step by step and output the final answer " \
-                                           "within \\boxed{}."
+    assert (
+        build_prompt("What is 1+1?") == "What is 1+1? Let's think step by step and output the final answer "
+        "within \\boxed{}."
+    )
     with pytest.raises(ValueError, match="problem must be a non-empty string"):
         build_prompt("  ")
 
@@ -151,8 +171,9 @@ def test_build_prompt_plain_and_chat():
     tok = build_arith_tokenizer()
     plain_ids = encode_prompt("1+2", tok)
     assert plain_ids == tok.encode(build_prompt("1+2"))
-    tok.chat_template = ("{% for m in messages %}<bos>Q:{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %} A:{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<bos>Q:{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} A:{% endif %}"
+    )
     text = build_prompt("1+2", tok)
     assert text == f"<bos>Q:1+2 {INSTRUCTION} A:"
     ids = encode_prompt("1+2", tok)

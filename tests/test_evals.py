@@ -58,7 +58,7 @@ def scripted_engine(records_by_bench, num_correct):
 
     def script(prompt_ids, s):
         text = "".join(map(chr, prompt_ids))
-        (i, answer), = [v for p, v in index.items() if text.startswith(p)]
+        ((i, answer),) = [v for p, v in index.items() if text.startswith(p)]
         if s < num_correct(i):
             return tok.encode(f"Work... so the answer is $\\boxed{{{answer}}}$.") + [1]
         if s % 3 == 1:
@@ -80,15 +80,28 @@ def scripted_engine(records_by_bench, num_correct):
 def test_runner_scores_a_scripted_engine_exactly(tmp_path):
     from conspo_jax.data.math_data import load_benchmark
 
-    recs = {"aime24": load_benchmark("aime24", SHARED_DATA, limit=5),
-            "math500": load_benchmark("math500", SHARED_DATA, limit=5)}
+    recs = {
+        "aime24": load_benchmark("aime24", SHARED_DATA, limit=5),
+        "math500": load_benchmark("math500", SHARED_DATA, limit=5),
+    }
     k_aime = 4
     num_correct = lambda i: i % (k_aime + 1)  # problem i has i of its 4 samples right
     engine, tok, calls = scripted_engine(recs, num_correct)
     pool = default_pool(2)
-    out = evaluate(engine, tok, ["aime24", "math500"], out_dir=str(tmp_path), max_new_tokens=4096,
-                   k_overrides={"aime24": k_aime}, data_dir=SHARED_DATA, limit=5, pool=pool, rows_per_call=8,
-                   label="scripted", progress=False)
+    out = evaluate(
+        engine,
+        tok,
+        ["aime24", "math500"],
+        out_dir=str(tmp_path),
+        max_new_tokens=4096,
+        k_overrides={"aime24": k_aime},
+        data_dir=SHARED_DATA,
+        limit=5,
+        pool=pool,
+        rows_per_call=8,
+        label="scripted",
+        progress=False,
+    )
     aime, math = out["benchmarks"]["aime24"], out["benchmarks"]["math500"]
 
     correct_aime = np.array([[s < num_correct(i) for s in range(k_aime)] for i in range(5)])
@@ -101,8 +114,9 @@ def test_runner_scores_a_scripted_engine_exactly(tmp_path):
     assert math["metric"] == "pass@1" and math["num_problems"] == 5
     assert math["score"] == pytest.approx(100 * correct_math.mean()) == 80.0
     assert out["average"] == pytest.approx((aime["score"] + math["score"]) / 2)
-    assert aime["no_box_frac"] == pytest.approx(np.mean([(not c) and s % 3 == 1 for c, s in zip(
-        correct_aime.ravel(), np.tile(np.arange(4), 5))]))
+    assert aime["no_box_frac"] == pytest.approx(
+        np.mean([(not c) and s % 3 == 1 for c, s in zip(correct_aime.ravel(), np.tile(np.arange(4), 5))])
+    )
 
     # Engine calls: the paper's sampling settings, 8 rows per call, the short last chunk padded.
     assert {c[3:] for c in calls} == {(0.6, 0.95, 4096)}
@@ -115,7 +129,9 @@ def test_runner_scores_a_scripted_engine_exactly(tmp_path):
     assert (first["benchmark"], first["id"], first["sample"], first["answer"]) == ("aime24", "60", 0, "204")
     assert first["correct"] is False and first["verdict"] == "parsed" and first["extracted"] == "\\text{wrong}"
     ok = [x for x in lines if x["benchmark"] == "aime24" and x["id"] == recs["aime24"][1]["id"]]
-    assert [x["correct"] for x in ok] == [True, False, False, False] and ok[0]["extracted"] == recs["aime24"][1]["answer"]
+    assert [x["correct"] for x in ok] == [True, False, False, False] and ok[0]["extracted"] == recs["aime24"][1][
+        "answer"
+    ]
     table = (tmp_path / "table.md").read_text()
     assert table == out["table"]
     header, _, row = table.splitlines()
@@ -134,12 +150,16 @@ def test_runner_owns_and_closes_its_pool_and_takes_records(tmp_path, monkeypatch
             made.append((self, list(self.pids)))
 
     monkeypatch.setattr(runner, "RewardPool", Recording)
-    recs = {"toy": [{"id": "a", "problem": "What is 6*7?", "answer": "42"},
-                    {"id": "b", "problem": "What is 1/2?", "answer": "\\frac{1}{2}"}]}
+    recs = {
+        "toy": [
+            {"id": "a", "problem": "What is 6*7?", "answer": "42"},
+            {"id": "b", "problem": "What is 1/2?", "answer": "\\frac{1}{2}"},
+        ]
+    }
     engine, tok, _ = scripted_engine(recs, lambda i: 1)
     out = evaluate(engine, tok, recs, out_dir=str(tmp_path), max_new_tokens=64, k_overrides=2, progress=False)
     assert out["benchmarks"]["toy"]["score"] == 50.0 and out["benchmarks"]["toy"]["column"] == "toy"
-    (pool, pids), = made
+    ((pool, pids),) = made
     assert pool._closed and all(not os.path.exists(f"/proc/{p}") for p in pids)
     assert "| toy | Avg. |" in out["table"]
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):

@@ -11,8 +11,10 @@ from tests.conftest import SHARED_DATA
 
 transformers = pytest.importorskip("transformers")
 
-CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _byte_tokenizer():
@@ -24,8 +26,9 @@ def _byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                                pad_token="<|endoftext|>", additional_special_tokens=specials[1:2])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:2]
+    )
     fast.chat_template = CHAT
     return fast
 
@@ -41,8 +44,14 @@ def test_eval_command_on_tiny_random_policy(tmp_path):
     from conspo_jax.models import get_model_config, init_policy
     from conspo_jax.models.hf_io import save_hf_policy
 
-    arch = get_model_config("tiny-qwen2", vocab_size=320, num_layers=1, max_position_embeddings=2048,
-                            bos_token_id=None, eos_token_id=tok.eos_token_id)
+    arch = get_model_config(
+        "tiny-qwen2",
+        vocab_size=320,
+        num_layers=1,
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
     save_hf_policy(init_policy(arch, seed=0), ckpt)  # replaces the directory atomically: tokenizer after
     tok.save_pretrained(ckpt)
 
@@ -64,7 +73,9 @@ def test_eval_command_on_tiny_random_policy(tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "eval" / "samples.jsonl")]
     assert len(lines) == 2 * 2 + 2 * 2
     assert all(1 <= x["num_tokens"] <= 6 for x in lines)
-    assert [x["answer"] for x in lines if x["benchmark"] == "aime24"][::2] == [r["answer"] for r in load_benchmark("aime24", SHARED_DATA, limit=2)]
+    assert [x["answer"] for x in lines if x["benchmark"] == "aime24"][::2] == [
+        r["answer"] for r in load_benchmark("aime24", SHARED_DATA, limit=2)
+    ]
     assert os.path.isfile(tmp_path / "eval" / "results.json")
     # Random weights answer nothing right; the row fills exactly the two columns that ran.
     row = out["table"].splitlines()[2].split(" | ")
@@ -84,8 +95,14 @@ def test_math_training_path_end_to_end(tmp_path):
 
     ckpt = str(tmp_path / "tiny")
     tok = _byte_tokenizer()
-    arch = get_model_config("tiny-qwen2", vocab_size=320, num_layers=1, max_position_embeddings=2048,
-                            bos_token_id=None, eos_token_id=tok.eos_token_id)
+    arch = get_model_config(
+        "tiny-qwen2",
+        vocab_size=320,
+        num_layers=1,
+        max_position_embeddings=2048,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
     save_hf_policy(init_policy(arch, seed=0), ckpt)
     tok.save_pretrained(ckpt)
 

@@ -307,8 +307,16 @@ def reference(name, b, hp):
         return ref_infonce(b, hp.get("tau", 10.0), hp.get("margin", 0.01), lambda i, _: _ll(b, i))
     if name == "conspo_no_contrastive":
         return ref_linear(b)
-    fns = dict(grpo=ref_grpo, dr_grpo=ref_dr_grpo, dapo=ref_dapo, gmpo=ref_gmpo, cispo=ref_cispo,
-               sapo=ref_sapo, gspo=ref_gspo, disco=ref_disco)
+    fns = dict(
+        grpo=ref_grpo,
+        dr_grpo=ref_dr_grpo,
+        dapo=ref_dapo,
+        gmpo=ref_gmpo,
+        cispo=ref_cispo,
+        sapo=ref_sapo,
+        gspo=ref_gspo,
+        disco=ref_disco,
+    )
     return fns[name](b, **hp)
 
 
@@ -357,8 +365,15 @@ def run_stacked(name, cases, batches):
 
     def one(hp):
         def f(logp, old, ref, mask, rewards, gids, rmask):
-            inputs = ObjectiveInputs(token_logp=logp, old_logp=old, ref_logp=ref, mask=mask,
-                                     rewards=rewards, group_ids=gids, rollout_mask=rmask)
+            inputs = ObjectiveInputs(
+                token_logp=logp,
+                old_logp=old,
+                ref_logp=ref,
+                mask=mask,
+                rewards=rewards,
+                group_ids=gids,
+                rollout_mask=rmask,
+            )
             return obj(inputs, num_groups=G, progress=PROGRESS, **hp)
 
         return jax.vmap(jax.value_and_grad(f, has_aux=True))
@@ -418,10 +433,16 @@ def test_objective(name):
         if _key(name, hp) not in NOT_DECOMPOSABLE:
             n = aux["normalizer"][1:3]
             assert n.sum() == aux["normalizer"][0] > 0, label
-            np.testing.assert_allclose((values[1:3] * n).sum() / n.sum(), value, rtol=1e-12, atol=1e-13,
-                                       err_msg=f"{label}: micro-batch value")
-            np.testing.assert_allclose((grads[1:3] * n[:, None, None]).sum(0) / n.sum(), grad, rtol=1e-11,
-                                       atol=1e-13, err_msg=f"{label}: micro-batch gradient")
+            np.testing.assert_allclose(
+                (values[1:3] * n).sum() / n.sum(), value, rtol=1e-12, atol=1e-13, err_msg=f"{label}: micro-batch value"
+            )
+            np.testing.assert_allclose(
+                (grads[1:3] * n[:, None, None]).sum(0) / n.sum(),
+                grad,
+                rtol=1e-11,
+                atol=1e-13,
+                err_msg=f"{label}: micro-batch gradient",
+            )
 
         np.testing.assert_allclose(values[3], value, rtol=1e-12, atol=1e-14, err_msg=f"{label}: permuted")
         np.testing.assert_allclose(grads[3], grad[perm], rtol=1e-11, atol=1e-14, err_msg=f"{label}: permuted")
@@ -442,10 +463,20 @@ def test_physical_micro_batches_recombine_to_the_full_batch_reference():
         out = []
         for name, hp in cases:
             obj = get_objective(name)
-            inputs = ObjectiveInputs(token_logp=logp, old_logp=old, ref_logp=ref, mask=mask, rewards=rewards,
-                                     group_ids=gids, rollout_mask=rmask)
-            out.append(jax.value_and_grad(lambda x: obj(inputs.replace(token_logp=x), num_groups=G,
-                                                        progress=PROGRESS, **hp), has_aux=True)(logp))
+            inputs = ObjectiveInputs(
+                token_logp=logp,
+                old_logp=old,
+                ref_logp=ref,
+                mask=mask,
+                rewards=rewards,
+                group_ids=gids,
+                rollout_mask=rmask,
+            )
+            out.append(
+                jax.value_and_grad(
+                    lambda x: obj(inputs.replace(token_logp=x), num_groups=G, progress=PROGRESS, **hp), has_aux=True
+                )(logp)
+            )
         return out
 
     with jax.enable_x64(True):
@@ -460,6 +491,7 @@ def test_physical_micro_batches_recombine_to_the_full_batch_reference():
         grad[parts[0]] = np.asarray(g0) * n0 / (n0 + n1)
         grad[parts[1]] = np.asarray(g1) * n1 / (n0 + n1)
         label = f"{name}{hp}"
-        np.testing.assert_allclose((float(v0) * n0 + float(v1) * n1) / (n0 + n1), reference(name, b, hp),
-                                   rtol=1e-9, atol=1e-12, err_msg=label)
+        np.testing.assert_allclose(
+            (float(v0) * n0 + float(v1) * n1) / (n0 + n1), reference(name, b, hp), rtol=1e-9, atol=1e-12, err_msg=label
+        )
         np.testing.assert_allclose(grad, fd_grad(name, b, hp), rtol=1e-5, atol=1e-7, err_msg=label)

@@ -61,9 +61,17 @@ def _lemma2_expected(scores, margin):
 @pytest.fixture(scope="module")
 def lemma2_grad():
     with jax.enable_x64(True):
+
         def value(scores, margin):
-            return conspo_objective(scores, jnp.asarray(REWARDS), jnp.asarray(GIDS), 3, tau=TAU,
-                                    margin=margin, rollout_mask=jnp.asarray(RMASK))
+            return conspo_objective(
+                scores,
+                jnp.asarray(REWARDS),
+                jnp.asarray(GIDS),
+                3,
+                tau=TAU,
+                margin=margin,
+                rollout_mask=jnp.asarray(RMASK),
+            )
 
         args = (jnp.asarray(SCORES), jnp.asarray(0.0))
         compiled = _compile(jax.grad(value), *args)
@@ -82,7 +90,7 @@ def test_lemma2_eq12_per_rollout_credit(lemma2_grad, margin):
 def test_lemma2_eq13_balance_and_eq14_ratio(lemma2_grad, margin):
     with jax.enable_x64(True):
         grad = lemma2_grad(margin) * N_VALID  # per-group objective's derivatives
-    for g, pos, neg in ((0, [0, 1, 2], [3, 4, 5]), (1, [6], [7, 8])):
+    for _group, pos, neg in ((0, [0, 1, 2], [3, 4, 5]), (1, [6], [7, 8])):
         # Eq. 13: the negatives' total is -(1/N+) sum_i (1 - P_i+), and the group's derivatives cancel.
         np.testing.assert_allclose(grad[neg].sum(), -grad[pos].sum(), rtol=1e-12)
         assert abs(grad[pos + neg].sum()) < 1e-14
@@ -90,8 +98,7 @@ def test_lemma2_eq13_balance_and_eq14_ratio(lemma2_grad, margin):
         # Eq. 14: |dJ/ds_j| / |dJ/ds_k| = exp((s_j - s_k) / tau): higher-scoring negatives get more.
         for j in neg:
             for k in neg:
-                np.testing.assert_allclose(grad[j] / grad[k], math.exp((SCORES[j] - SCORES[k]) / TAU),
-                                           rtol=1e-12)
+                np.testing.assert_allclose(grad[j] / grad[k], math.exp((SCORES[j] - SCORES[k]) / TAU), rtol=1e-12)
 
 
 def test_margin_strengthens_credit_of_separated_positives(lemma2_grad):
@@ -218,8 +225,9 @@ def test_lemma1_eq9_score_insensitive_coefficients():
 def test_margin_schedule_eq16():
     expected = lambda p: 0.005 * (1 - math.cos(math.pi * min(p / 0.3, 1.0)))  # noqa: E731
     for p in (0.0, 0.05, 0.15, 0.3, 0.6, 1.0):
-        np.testing.assert_allclose(float(margin_schedule(p, max_margin=0.01, warmup_ratio=0.3)), expected(p),
-                                   rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            float(margin_schedule(p, max_margin=0.01, warmup_ratio=0.3)), expected(p), rtol=1e-6, atol=1e-9
+        )
     assert float(margin_schedule(0.15, max_margin=0.01, warmup_ratio=0.3)) == pytest.approx(0.005)
     traced = jax.jit(lambda p: margin_schedule(p, max_margin=0.01, warmup_ratio=0.3))
     np.testing.assert_allclose(float(traced(0.1)), expected(0.1), rtol=1e-6)

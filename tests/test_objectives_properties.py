@@ -27,14 +27,17 @@ ADVANTAGE = {"grpo", "dapo", "dr_grpo", "gmpo", "cispo", "sapo", "gspo"}
 
 
 def _all_objectives(logp, old, ref, mask, rewards, gids, rmask, progress):
-    inputs = ObjectiveInputs(token_logp=logp, old_logp=old, ref_logp=ref, mask=mask, rewards=rewards,
-                             group_ids=gids, rollout_mask=rmask)
+    inputs = ObjectiveInputs(
+        token_logp=logp, old_logp=old, ref_logp=ref, mask=mask, rewards=rewards, group_ids=gids, rollout_mask=rmask
+    )
     out = []
     for name, hp in CASES:
         obj = get_objective(name)
-        out.append(jax.value_and_grad(
-            lambda x: obj(inputs.replace(token_logp=x), num_groups=G, progress=progress, **hp), has_aux=True
-        )(logp))
+        out.append(
+            jax.value_and_grad(
+                lambda x: obj(inputs.replace(token_logp=x), num_groups=G, progress=progress, **hp), has_aux=True
+            )(logp)
+        )
     return out
 
 
@@ -69,8 +72,7 @@ def batches(draw):
     logp = np.where(mask, logp, junk).astype(np.float32)
     logp[~rmask] = junk
     progress = np.float32(draw(st.floats(0, 1)))
-    return dict(logp=logp, old=old, ref=ref, mask=mask, rewards=rewards, gids=gids, rmask=rmask,
-                progress=progress)
+    return dict(logp=logp, old=old, ref=ref, mask=mask, rewards=rewards, gids=gids, rmask=rmask, progress=progress)
 
 
 def _fixed(pattern_rewards, lens=(3,) * R, gids=(0, 0, 0, 1, 1, 2, 2, 2), rmask=(True,) * R):
@@ -78,8 +80,16 @@ def _fixed(pattern_rewards, lens=(3,) * R, gids=(0, 0, 0, 1, 1, 2, 2, 2), rmask=
     mask = np.arange(T)[None] < np.array(lens)[:, None]
     logp = np.where(mask, -rng.uniform(0, 3, (R, T)), -np.inf).astype(np.float32)
     old = np.where(mask, logp + rng.normal(0, 0.5, (R, T)), 0).astype(np.float32)
-    return dict(logp=logp, old=old, ref=old.copy(), mask=mask, rewards=np.array(pattern_rewards, np.float32),
-                gids=np.array(gids, np.int32), rmask=np.array(rmask), progress=np.float32(0.5))
+    return dict(
+        logp=logp,
+        old=old,
+        ref=old.copy(),
+        mask=mask,
+        rewards=np.array(pattern_rewards, np.float32),
+        gids=np.array(gids, np.int32),
+        rmask=np.array(rmask),
+        progress=np.float32(0.5),
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -112,9 +122,13 @@ def test_no_nan_no_padding_gradient_and_zero_when_nothing_to_learn(batch):
 def test_jit_matches_op_by_op(name):
     batch = _fixed([1, 0, 1, 0, 1, 1, 0, 0], lens=(3, 5, 0, 2, 4, 1, 5, 3))
     obj = get_objective(name)
-    inputs = ObjectiveInputs(token_logp=jnp.asarray(batch["logp"]), old_logp=jnp.asarray(batch["old"]),
-                             mask=jnp.asarray(batch["mask"]), rewards=jnp.asarray(batch["rewards"]),
-                             group_ids=jnp.asarray(batch["gids"]))
+    inputs = ObjectiveInputs(
+        token_logp=jnp.asarray(batch["logp"]),
+        old_logp=jnp.asarray(batch["old"]),
+        mask=jnp.asarray(batch["mask"]),
+        rewards=jnp.asarray(batch["rewards"]),
+        group_ids=jnp.asarray(batch["gids"]),
+    )
 
     def f(x, progress):
         return obj(inputs.replace(token_logp=x), num_groups=G, progress=progress)

@@ -19,15 +19,31 @@ from conspo_jax.objectives import (
 )
 from conspo_jax.objectives import registry as registry_module
 
-NAMES = ["cispo", "conspo", "conspo_fixed_margin", "conspo_no_contrastive", "conspo_no_loglik",
-         "conspo_no_margin", "dapo", "disco", "dr_grpo", "gmpo", "grpo", "gspo", "sapo"]
+NAMES = [
+    "cispo",
+    "conspo",
+    "conspo_fixed_margin",
+    "conspo_no_contrastive",
+    "conspo_no_loglik",
+    "conspo_no_margin",
+    "dapo",
+    "disco",
+    "dr_grpo",
+    "gmpo",
+    "grpo",
+    "gspo",
+    "sapo",
+]
 USES_OLD = {"conspo_no_loglik", "grpo", "dapo", "dr_grpo", "disco", "gmpo", "cispo", "sapo", "gspo"}
 
 
 def _inputs(**overrides):
     fields = dict(
-        token_logp=jnp.full((4, 3), -1.0), old_logp=jnp.full((4, 3), -1.0), mask=jnp.ones((4, 3), bool),
-        rewards=jnp.array([1.0, 0.0, 1.0, 0.0]), group_ids=jnp.array([0, 0, 1, 1], jnp.int32),
+        token_logp=jnp.full((4, 3), -1.0),
+        old_logp=jnp.full((4, 3), -1.0),
+        mask=jnp.ones((4, 3), bool),
+        rewards=jnp.array([1.0, 0.0, 1.0, 0.0]),
+        group_ids=jnp.array([0, 0, 1, 1], jnp.int32),
     )
     fields.update(overrides)
     return ObjectiveInputs(**fields)
@@ -46,8 +62,7 @@ def test_registry_names_and_attributes():
 
 
 def test_paper_defaults():
-    assert get_objective("conspo").defaults == dict(tau=10.0, max_margin=0.01, warmup_ratio=0.3,
-                                                   reward_threshold=0.5)
+    assert get_objective("conspo").defaults == dict(tau=10.0, max_margin=0.01, warmup_ratio=0.3, reward_threshold=0.5)
     assert get_objective("dapo").defaults["eps_high"] == 0.28
     assert get_objective("gspo").defaults == dict(eps_low=3e-4, eps_high=4e-4)
     assert get_objective("gmpo").defaults == dict(eps_low=0.4, eps_high=0.4)
@@ -81,15 +96,18 @@ def test_bad_hyperparameter_values():
         get_objective("conspo")(_inputs(), num_groups=2)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    (dict(mask=jnp.ones((4, 2), bool)), r"inputs.mask must have token_logp's shape \(4, 3\)"),
-    (dict(rewards=jnp.ones(3)), r"inputs.rewards must have shape \(4,\)"),
-    (dict(group_ids=jnp.array([0.0, 0, 1, 1])), "inputs.group_ids must be integer"),
-    (dict(group_ids=jnp.array([0, 0, 1, 2], jnp.int32)), r"group_ids must lie in \[0, num_groups=2\)"),
-    (dict(group_ids=jnp.array([-1, 0, 1, 1], jnp.int32)), r"got range \[-1, 1\]"),
-    (dict(token_logp=jnp.ones(4)), r"token_logp must be \[R, T\]"),
-    (dict(old_logp=None), "needs inputs.old_logp"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(mask=jnp.ones((4, 2), bool)), r"inputs.mask must have token_logp's shape \(4, 3\)"),
+        (dict(rewards=jnp.ones(3)), r"inputs.rewards must have shape \(4,\)"),
+        (dict(group_ids=jnp.array([0.0, 0, 1, 1])), "inputs.group_ids must be integer"),
+        (dict(group_ids=jnp.array([0, 0, 1, 2], jnp.int32)), r"group_ids must lie in \[0, num_groups=2\)"),
+        (dict(group_ids=jnp.array([-1, 0, 1, 1], jnp.int32)), r"got range \[-1, 1\]"),
+        (dict(token_logp=jnp.ones(4)), r"token_logp must be \[R, T\]"),
+        (dict(old_logp=None), "needs inputs.old_logp"),
+    ],
+)
 def test_bad_inputs_raise_naming_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         get_objective("grpo")(_inputs(**overrides), num_groups=2)
@@ -145,8 +163,11 @@ def test_group_advantages_population_std_and_dr_grpo():
 
     @jax.jit  # one compile instead of dozens of op-by-op ones
     def all_three(rewards, gids, rmask):
-        return (group_advantages(rewards, gids, 5), group_advantages(rewards, gids, 5, normalize_std=False),
-                group_advantages(rewards, gids, 5, rollout_mask=rmask))
+        return (
+            group_advantages(rewards, gids, 5),
+            group_advantages(rewards, gids, 5, normalize_std=False),
+            group_advantages(rewards, gids, 5, rollout_mask=rmask),
+        )
 
     adv, dr, masked = map(np.asarray, all_three(rewards, gids, rmask))
     p = 0.25  # Lemma 4: A+ = sqrt((1-p)/p), A- = -sqrt(p/(1-p)) with the population std
@@ -165,9 +186,11 @@ def test_dapo_helpers():
 
     @jax.jit
     def helpers(rewards, gids, lengths):
-        return (dapo_dynamic_sampling_filter(rewards, gids, 4),
-                dapo_dynamic_sampling_filter(rewards, gids, 4, rollout_mask=jnp.array([1, 0, 1, 1, 1, 1, 1])),
-                dapo_overlong_penalty(lengths, max_len=20480, cache_len=4096))
+        return (
+            dapo_dynamic_sampling_filter(rewards, gids, 4),
+            dapo_dynamic_sampling_filter(rewards, gids, 4, rollout_mask=jnp.array([1, 0, 1, 1, 1, 1, 1])),
+            dapo_overlong_penalty(lengths, max_len=20480, cache_len=4096),
+        )
 
     keep, keep_masked, penalty = helpers(rewards, gids, lengths)
     assert keep.tolist() == [True, True, False, False, False, False, False]

@@ -172,21 +172,24 @@ def test_adversarial_inputs_finish_within_limit(pool):
         assert took < 2.0 or (waited and took < 4 * limit + 1.0), f"{resp[:40]!r}... took {took:.2f}s, {v}"
 
 
-@pytest.mark.parametrize("text, want", [
-    ("\\boxed{1}", "1"),
-    ("a \\boxed{1} b \\boxed{2} c", "2"),
-    ("\\fbox{3} then \\boxed{4}", "4"),
-    ("\\boxed{4} then \\fbox{3}", "3"),
-    ("\\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),
-    ("\\boxed {5}", "5"),
-    ("$\\boxed 5$", "5"),
-    ("\\boxed{ \\{1\\} }", "\\{1\\}"),
-    ("\\boxed{a} \\boxedx", "a"),
-    ("no box", None),
-    ("\\boxed{unclosed", None),
-    ("\\boxed{}", None),
-    ("\\boxed", None),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("\\boxed{1}", "1"),
+        ("a \\boxed{1} b \\boxed{2} c", "2"),
+        ("\\fbox{3} then \\boxed{4}", "4"),
+        ("\\boxed{4} then \\fbox{3}", "3"),
+        ("\\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),
+        ("\\boxed {5}", "5"),
+        ("$\\boxed 5$", "5"),
+        ("\\boxed{ \\{1\\} }", "\\{1\\}"),
+        ("\\boxed{a} \\boxedx", "a"),
+        ("no box", None),
+        ("\\boxed{unclosed", None),
+        ("\\boxed{}", None),
+        ("\\boxed", None),
+    ],
+)
 def test_extract_boxed(text, want):
     assert extract_boxed(text) == want
 

@@ -40,7 +40,10 @@ def test_pool_cpu_budget_worker_replacement_threads_and_clean_shutdown():
         time.sleep(0.2)
         # The replacement serves the next batch (it waits for the new worker to warm up).
         assert pool.score(["\\boxed{0.5}", "\\boxed{3}", "\\boxed{\\sqrt{4}}"], ["\\frac12", "4", "2"]).tolist() == [
-            1.0, 0.0, 1.0]
+            1.0,
+            0.0,
+            1.0,
+        ]
         assert not _alive(first_pid) and pool.pids[0] != first_pid and pool.num_restarts == 1
 
         # Concurrent callers are serialised, and each gets its own answers.

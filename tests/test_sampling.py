@@ -17,8 +17,10 @@ def _draw(top_p, top_k, temperature=1.0, n=4000):
     return _sample(logits, jax.random.key(0), jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
 
 
-@pytest.mark.parametrize("top_p,top_k,allowed", [(1.0, 0, 5), (1.0, 2, 2), (0.7, 0, 2), (0.75, 0, 2),
-                                                  (0.76, 0, 3), (0.01, 0, 1), (0.9, 1, 1)])
+@pytest.mark.parametrize(
+    "top_p,top_k,allowed",
+    [(1.0, 0, 5), (1.0, 2, 2), (0.7, 0, 2), (0.75, 0, 2), (0.76, 0, 3), (0.01, 0, 1), (0.9, 1, 1)],
+)
 def test_support_is_top_k_and_nucleus(top_p, top_k, allowed):
     toks, _ = _draw(top_p, top_k)
     assert set(np.unique(np.asarray(toks))) == set(range(allowed))

@@ -12,8 +12,8 @@ from flax import nnx
 from conspo_jax.configs import load_config_module
 from conspo_jax.rollout.engine import SamplingParams
 from conspo_jax.sidecar.client import SidecarClient
-from conspo_jax.sidecar.sglang_check import trainer_logprobs
 from conspo_jax.sidecar.server import SidecarOptions, serve
+from conspo_jax.sidecar.sglang_check import trainer_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "arith_tiny.py") + ":smoke"
@@ -30,13 +30,15 @@ def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):
     from conspo_jax.train import setup
 
     config = smoke_config()
-    srv = serve(config, engine_name="jax", cache_dtype=jnp.float32,
-                options=SidecarOptions(weights_dir=str(tmp_path), workers=0))
+    srv = serve(
+        config, engine_name="jax", cache_dtype=jnp.float32, options=SidecarOptions(weights_dir=str(tmp_path), workers=0)
+    )
     try:
         tokenizer = setup.build_tokenizer(config)
         task = setup.build_task(config, tokenizer)
         # The trainer's policy: the sidecar's initial weights, perturbed (cheaper than a second init).
         engine = srv.servicer.handle.engine
+
         def noise(i, x):
             if not jnp.issubdtype(x.dtype, jnp.floating):
                 return x
@@ -45,8 +47,13 @@ def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):
         leaves, treedef = jax.tree.flatten(engine.state)
         policy = nnx.merge(engine.graphdef, jax.tree.unflatten(treedef, [noise(i, x) for i, x in enumerate(leaves)]))
         prompts = [task.encode(r) for r in task.train_records[:4]]
-        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=5,
-                                stop_token_ids=setup.stop_token_ids(tokenizer, policy.config))
+        params = SamplingParams(
+            n=2,
+            temperature=1.0,
+            max_new_tokens=8,
+            seed=5,
+            stop_token_ids=setup.stop_token_ids(tokenizer, policy.config),
+        )
         with SidecarClient(srv.target, weights=str(tmp_path)) as client:
             before = client.generate(prompts, params)
             compiled = dict(engine._compiled)
@@ -61,7 +68,9 @@ def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):
         direct = engine.generate(prompts, params)
         np.testing.assert_array_equal(direct.completion_lens_R, after.completion_lens_R)
         assert direct.completions() == after.completions() and direct.finish_reasons == after.finish_reasons
-        np.testing.assert_array_equal(direct.logprobs_RxT[:, : after.logprobs_RxT.shape[1]] * mask, after.logprobs_RxT * mask)
+        np.testing.assert_array_equal(
+            direct.logprobs_RxT[:, : after.logprobs_RxT.shape[1]] * mask, after.logprobs_RxT * mask
+        )
         assert after.weight_version == 1 and sorted(os.listdir(tmp_path)) == ["v000001"]
         diff = np.abs(trainer_logprobs(policy, prompts, after) - after.logprobs_RxT)[mask]
         assert diff.max() <= 1e-4, diff.max()

@@ -21,9 +21,12 @@ PARAMS = SamplingParams(n=2, max_new_tokens=4)
 def sidecar(tmp_path_factory):
     wd = tmp_path_factory.mktemp("weights")
     (wd / "v000001").mkdir()
-    srv = serve(handle=build_engine("mock"),
-                options=SidecarOptions(weights_dir=str(wd), workers=0, token=TOKEN, max_message_bytes=1 << 20,
-                                       version_wait_s=0.0))
+    srv = serve(
+        handle=build_engine("mock"),
+        options=SidecarOptions(
+            weights_dir=str(wd), workers=0, token=TOKEN, max_message_bytes=1 << 20, version_wait_s=0.0
+        ),
+    )
     yield srv, wd
     srv.stop(grace=0)
 
@@ -81,21 +84,27 @@ def test_oversize_message_is_refused(sidecar):
     assert_still_serving(srv)
 
 
-@pytest.mark.parametrize("mutate, code, message", [
-    (lambda r: r.ClearField("prompts"), "INVALID_ARGUMENT", "prompts is empty"),
-    (lambda r: setattr(r, "n", 0), "INVALID_ARGUMENT", "n must be in [1, 1024], got 0"),
-    (lambda r: r.prompts.add(prompt_id="a", token_ids=[4]), "INVALID_ARGUMENT", "prompt_id='a' is duplicated"),
-    (lambda r: r.prompts.add(prompt_id="b"), "INVALID_ARGUMENT", "token_ids is empty"),
-    (lambda r: r.prompts.add(prompt_id="b", token_ids=[-3]), "INVALID_ARGUMENT", "negative token id -3"),
-    (lambda r: setattr(r.sampling, "top_p", 0.0), "INVALID_ARGUMENT", "top_p must be in (0, 1], got 0.0"),
-    (lambda r: setattr(r.sampling, "max_new_tokens", 0), "INVALID_ARGUMENT", "max_new_tokens must be >= 1, got 0"),
-    (lambda r: setattr(r, "verifier", "nope"), "INVALID_ARGUMENT", "unknown verifier 'nope'"),
-    (lambda r: setattr(r, "min_weight_version", 99), "FAILED_PRECONDITION", "min_weight_version=99"),
-])
+@pytest.mark.parametrize(
+    "mutate, code, message",
+    [
+        (lambda r: r.ClearField("prompts"), "INVALID_ARGUMENT", "prompts is empty"),
+        (lambda r: setattr(r, "n", 0), "INVALID_ARGUMENT", "n must be in [1, 1024], got 0"),
+        (lambda r: r.prompts.add(prompt_id="a", token_ids=[4]), "INVALID_ARGUMENT", "prompt_id='a' is duplicated"),
+        (lambda r: r.prompts.add(prompt_id="b"), "INVALID_ARGUMENT", "token_ids is empty"),
+        (lambda r: r.prompts.add(prompt_id="b", token_ids=[-3]), "INVALID_ARGUMENT", "negative token id -3"),
+        (lambda r: setattr(r.sampling, "top_p", 0.0), "INVALID_ARGUMENT", "top_p must be in (0, 1], got 0.0"),
+        (lambda r: setattr(r.sampling, "max_new_tokens", 0), "INVALID_ARGUMENT", "max_new_tokens must be >= 1, got 0"),
+        (lambda r: setattr(r, "verifier", "nope"), "INVALID_ARGUMENT", "unknown verifier 'nope'"),
+        (lambda r: setattr(r, "min_weight_version", 99), "FAILED_PRECONDITION", "min_weight_version=99"),
+    ],
+)
 def test_bad_requests_get_a_clear_status(sidecar, mutate, code, message):
     srv, _ = sidecar
-    request = pb.StreamRolloutsRequest(prompts=[pb.Prompt(prompt_id="a", token_ids=[4, 5])], n=2,
-                                       sampling=pb.SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4))
+    request = pb.StreamRolloutsRequest(
+        prompts=[pb.Prompt(prompt_id="a", token_ids=[4, 5])],
+        n=2,
+        sampling=pb.SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4),
+    )
     mutate(request)
     with grpc.insecure_channel(srv.target) as channel:
         stub = pb_grpc.RolloutServiceStub(channel)

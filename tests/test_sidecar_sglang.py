@@ -25,16 +25,49 @@ class StandInSGLangEngine:
     def __init__(self, eos=1, finish="stop", update_ok=True):
         self.calls, self.eos, self.finish, self.update_ok = [], eos, finish, update_ok
 
-    def generate(self, prompt=None, sampling_params=None, input_ids=None, image_data=None, audio_data=None,
-                 video_data=None, mm_hashes=None, mm_content_hashes=None, return_logprob=False,
-                 logprob_start_len=None, top_logprobs_num=None, token_ids_logprob=None, lora_path=None,
-                 custom_logit_processor=None, require_reasoning=False, return_hidden_states=False,
-                 return_routed_experts=False, routed_experts_start_len=0, stream=False, bootstrap_host=None,
-                 bootstrap_port=None, bootstrap_room=None, routed_dp_rank=None, disagg_prefill_dp_rank=None,
-                 data_parallel_rank=None, external_trace_header=None, rid=None, session_params=None, priority=None,
-                 session_id=None, *, cache_salt=None):
-        self.calls.append(("generate", dict(input_ids=input_ids, sampling_params=sampling_params,
-                                            return_logprob=return_logprob, prompt=prompt)))
+    def generate(
+        self,
+        prompt=None,
+        sampling_params=None,
+        input_ids=None,
+        image_data=None,
+        audio_data=None,
+        video_data=None,
+        mm_hashes=None,
+        mm_content_hashes=None,
+        return_logprob=False,
+        logprob_start_len=None,
+        top_logprobs_num=None,
+        token_ids_logprob=None,
+        lora_path=None,
+        custom_logit_processor=None,
+        require_reasoning=False,
+        return_hidden_states=False,
+        return_routed_experts=False,
+        routed_experts_start_len=0,
+        stream=False,
+        bootstrap_host=None,
+        bootstrap_port=None,
+        bootstrap_room=None,
+        routed_dp_rank=None,
+        disagg_prefill_dp_rank=None,
+        data_parallel_rank=None,
+        external_trace_header=None,
+        rid=None,
+        session_params=None,
+        priority=None,
+        session_id=None,
+        *,
+        cache_salt=None,
+    ):
+        self.calls.append(
+            (
+                "generate",
+                dict(
+                    input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob, prompt=prompt
+                ),
+            )
+        )
         outs = []
         for ids, sp in zip(input_ids, sampling_params):
             # Deterministic "sampling" from the seed: length 1..max_new_tokens, last token EOS when stopping.
@@ -43,10 +76,14 @@ class StandInSGLangEngine:
             if self.finish == "stop":
                 toks = toks[: max(1, len(toks) - 1)] + [self.eos]
             lps = (-rng.random(len(toks))).tolist()
-            meta = {"output_token_logprobs": [(lp, t, None) for lp, t in zip(lps, toks)],
-                    "finish_reason": {"type": self.finish, "matched": self.eos} if self.finish == "stop"
-                    else {"type": self.finish, "length": len(toks)},
-                    "prompt_tokens": len(ids), "completion_tokens": len(toks)}
+            meta = {
+                "output_token_logprobs": [(lp, t, None) for lp, t in zip(lps, toks)],
+                "finish_reason": {"type": self.finish, "matched": self.eos}
+                if self.finish == "stop"
+                else {"type": self.finish, "length": len(toks)},
+                "prompt_tokens": len(ids),
+                "completion_tokens": len(toks),
+            }
             outs.append({"text": "", "output_ids": toks, "meta_info": meta})
         return outs[0] if len(outs) == 1 else outs
 
@@ -66,7 +103,7 @@ def test_one_request_per_sample_with_distinct_seeds_and_logprobs():
     engine = SGLangEngine(engine=fake, version=3)
     params = SamplingParams(n=3, temperature=0.8, top_p=0.9, top_k=0, max_new_tokens=5, stop_token_ids=(7,), seed=42)
     ro = engine.generate([[5, 6], [9]], params)
-    (name, call), = fake.calls
+    ((name, call),) = fake.calls
     assert name == "generate" and call["return_logprob"] is True and call["prompt"] is None
     assert call["input_ids"] == [[5, 6]] * 3 + [[9]] * 3  # prompt-major, one request per sample
     sps = call["sampling_params"]
@@ -83,7 +120,7 @@ def test_one_request_per_sample_with_distinct_seeds_and_logprobs():
         entries = out["meta_info"]["output_token_logprobs"]
         assert ro.completions()[r] == [e[1] for e in entries] and ro.completions()[r][-1] == 1
         np.testing.assert_allclose(ro.logprobs_RxT[r, : len(entries)], [e[0] for e in entries], rtol=1e-6)
-        assert (ro.logprobs_RxT[r, len(entries):] == 0).all()
+        assert (ro.logprobs_RxT[r, len(entries) :] == 0).all()
 
 
 def test_length_finish_top_k_and_single_output():
@@ -124,8 +161,10 @@ def test_served_through_the_sidecar(tmp_path):
     fake = StandInSGLangEngine()
     engine = SGLangEngine(engine=fake)
     (tmp_path / "v000001").mkdir()
-    srv = serve(handle=EngineHandle("sglang", engine, engine.load_weights_from_path),
-                options=SidecarOptions(weights_dir=str(tmp_path), workers=0))
+    srv = serve(
+        handle=EngineHandle("sglang", engine, engine.load_weights_from_path),
+        options=SidecarOptions(weights_dir=str(tmp_path), workers=0),
+    )
     try:
         with SidecarClient(srv.target) as client:
             client.push_weights("v000001", 1)
@@ -137,12 +176,18 @@ def test_served_through_the_sidecar(tmp_path):
 
 
 def test_stand_in_matches_the_real_signatures():
-    sglang = pytest.importorskip("sglang", reason="sglang is not installable here (CUDA-only); the stand-in "
-                                                  "signatures were copied from sglang 0.5.x engine.py")
+    sglang = pytest.importorskip(
+        "sglang",
+        reason="sglang is not installable here (CUDA-only); the stand-in "
+        "signatures were copied from sglang 0.5.x engine.py",
+    )
     real = sglang.Engine
     for name in ("generate", "update_weights_from_disk", "flush_cache"):
         real_params = set(inspect.signature(getattr(real, name)).parameters)
         ours = set(inspect.signature(getattr(StandInSGLangEngine, name)).parameters)
-        used = {"generate": {"input_ids", "sampling_params", "return_logprob"},
-                "update_weights_from_disk": {"model_path"}, "flush_cache": set()}[name]
+        used = {
+            "generate": {"input_ids", "sampling_params", "return_logprob"},
+            "update_weights_from_disk": {"model_path"},
+            "flush_cache": set(),
+        }[name]
         assert used <= real_params and used <= ours, (name, real_params)

@@ -90,11 +90,15 @@ def test_verification_runs_in_worker_processes(tmp_path):
 
 def test_groups_stream_before_the_batch_is_done(tmp_path):
     """With one prompt per engine call, the first group arrives long before the last is generated."""
-    srv = serve(handle=build_engine("mock", delay_s=0.1),
-                options=SidecarOptions(weights_dir=str(tmp_path), workers=0, chunk_prompts=1))
+    srv = serve(
+        handle=build_engine("mock", delay_s=0.1),
+        options=SidecarOptions(weights_dir=str(tmp_path), workers=0, chunk_prompts=1),
+    )
     arrivals = []
     try:
-        with SidecarClient(srv.target, verifier="exact", on_group=lambda pid, g: arrivals.append(time.monotonic())) as c:
+        with SidecarClient(
+            srv.target, verifier="exact", on_group=lambda pid, g: arrivals.append(time.monotonic())
+        ) as c:
             prompts, answers = make_prompts(6)
             t0 = time.monotonic()
             check_rollouts(c.generate(prompts, PARAMS, answers=answers), prompts)
@@ -133,8 +137,9 @@ def test_exactly_once_across_duplicates_and_a_broken_stream(tmp_path):
     server.start()
     seen = []
     try:
-        with SidecarClient(f"127.0.0.1:{port}", verifier="exact", backoff_s=0.01,
-                           on_group=lambda pid, g: seen.append(pid)) as client:
+        with SidecarClient(
+            f"127.0.0.1:{port}", verifier="exact", backoff_s=0.01, on_group=lambda pid, g: seen.append(pid)
+        ) as client:
             prompts, answers = make_prompts(6)
             ro = client.generate(prompts, PARAMS, answers=answers, prompt_ids=[f"q{i}" for i in range(6)])
             check_rollouts(ro, prompts)
@@ -148,8 +153,9 @@ def test_exactly_once_across_duplicates_and_a_broken_stream(tmp_path):
 
 def test_staleness_bound_and_waiting_for_a_push(tmp_path):
     (tmp_path / "v000003").mkdir()
-    srv = serve(handle=build_engine("mock"),
-                options=SidecarOptions(weights_dir=str(tmp_path), workers=0, version_wait_s=0.3))
+    srv = serve(
+        handle=build_engine("mock"), options=SidecarOptions(weights_dir=str(tmp_path), workers=0, version_wait_s=0.3)
+    )
     prompts, answers = make_prompts(2)
     try:
         with SidecarClient(srv.target, verifier="exact", max_retries=0) as client:
@@ -182,9 +188,30 @@ def _free_port():
 def _start_sidecar(port, weights_dir):
     env = dict(os.environ, CONSPO_SIDECAR_TOKEN="s3cret", JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "conspo_jax.sidecar", "--engine", "mock", "--port", str(port), "--weights-dir",
-         weights_dir, "--workers", "0", "--chunk-prompts", "1", "--mock-delay-s", "0.05", "--version-wait-s", "0.2"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        [
+            sys.executable,
+            "-m",
+            "conspo_jax.sidecar",
+            "--engine",
+            "mock",
+            "--port",
+            str(port),
+            "--weights-dir",
+            weights_dir,
+            "--workers",
+            "0",
+            "--chunk-prompts",
+            "1",
+            "--mock-delay-s",
+            "0.05",
+            "--version-wait-s",
+            "0.2",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     ready, _, _ = select.select([proc.stdout], [], [], 60.0)  # never wait forever on a hung start
     line = proc.stdout.readline() if ready else ""
     if not line.startswith("SIDECAR READY"):
@@ -211,8 +238,9 @@ def test_client_survives_a_sidecar_restart_mid_stream(tmp_path):
             procs.append(_start_sidecar(port, weights))
 
     try:
-        with SidecarClient(f"127.0.0.1:{port}", token="s3cret", verifier="exact", backoff_s=0.05, deadline_s=60,
-                           on_group=on_group) as client:
+        with SidecarClient(
+            f"127.0.0.1:{port}", token="s3cret", verifier="exact", backoff_s=0.05, deadline_s=60, on_group=on_group
+        ) as client:
             client.push_weights(os.path.join(weights, "v000002"), 2)
             prompts, answers = make_prompts(16)
             ids = [f"p{i}" for i in range(16)]

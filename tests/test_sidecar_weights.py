@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conspo_jax.sidecar.client import SidecarClient
+from conspo_jax.sidecar.client import SidecarClient, SidecarError
 from conspo_jax.sidecar.correction import logprob_mismatch, mismatch_metrics, tis_weights
 from conspo_jax.sidecar.engines import build_engine
 from conspo_jax.sidecar.server import SidecarOptions, serve
@@ -74,7 +74,7 @@ def test_old_versions_are_deleted_once_a_newer_one_is_acknowledged(tmp_path):
             client.update_weights("p3", 3)
             assert store.versions() == [3] and client.version == 3 and client.health().weight_version == 3
             srv.stop(grace=0)
-            with pytest.raises(Exception):  # no acknowledgement: nothing is deleted
+            with pytest.raises(SidecarError):  # no acknowledgement: nothing is deleted
                 SidecarClient(srv.target, weights=store, max_retries=0, deadline_s=0.5).update_weights("p4", 4)
             assert store.versions() == [3, 4]
     finally:
@@ -89,9 +89,14 @@ def test_tis_weights_and_mismatch():
     @jax.jit  # one compile for every value checked below; also proves the functions are jit-able
     def everything(t, e, m):
         grad = jax.grad(lambda x: jnp.sum(tis_weights(x, e, m, 2.0)))(t)
-        return (tis_weights(t, e, m, 1.5), logprob_mismatch(t, e, m), logprob_mismatch(t, e, jnp.zeros_like(m)),
-                mismatch_metrics(t, e, m, cap=1.5), grad,
-                tis_weights(jnp.full((1, 1), 500.0), jnp.zeros((1, 1)), jnp.ones((1, 1), bool), 2.0))
+        return (
+            tis_weights(t, e, m, 1.5),
+            logprob_mismatch(t, e, m),
+            logprob_mismatch(t, e, jnp.zeros_like(m)),
+            mismatch_metrics(t, e, m, cap=1.5),
+            grad,
+            tis_weights(jnp.full((1, 1), 500.0), jnp.zeros((1, 1)), jnp.ones((1, 1), bool), 2.0),
+        )
 
     w, mean_abs, empty, m, grad, huge = jax.device_get(everything(trainer, engine, mask))
     ratio = np.exp(trainer - engine)

@@ -110,19 +110,30 @@ def _one_update(policy, batch, name, *, mini_batches, micro_groups, poison_old_l
     old_fn = make_logprob_fn(graphdef, 16)
     for mb in minis:
         s = mb["input_ids"].shape
-        mb["old_logp"] = np.array(old_fn(state.params, rest, mb["input_ids"].reshape(-1, s[-1]),
-                                           mb["attention_mask"].reshape(-1, s[-1]))).reshape(s[0], s[1], -1)
+        mb["old_logp"] = np.array(
+            old_fn(state.params, rest, mb["input_ids"].reshape(-1, s[-1]), mb["attention_mask"].reshape(-1, s[-1]))
+        ).reshape(s[0], s[1], -1)
         if poison_old_logp:
             mb["old_logp"][0, 0, 0] = np.nan
-    step = make_train_step(state, minis[0], mesh, rest=rest, ref_params=ref, graphdef=graphdef,
-                           objective=lambda x, **kw: fn(x, **kw, **kwargs), num_groups=micro_groups, prompt_len=16,
-                           optimizer=opt)
+    step = make_train_step(
+        state,
+        minis[0],
+        mesh,
+        rest=rest,
+        ref_params=ref,
+        graphdef=graphdef,
+        objective=lambda x, **kw: fn(x, **kw, **kwargs),
+        num_groups=micro_groups,
+        prompt_len=16,
+        optimizer=opt,
+    )
     metrics = []
     for mb in minis * repeat:
         state, m = step(state, mb, jnp.float32(0.5), rest, ref)
         metrics.append(jax.device_get(m))
-    moved = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in
-                zip(jax.tree.leaves(before), jax.tree.leaves(state.params)))
+    moved = max(
+        float(np.max(np.abs(a - np.asarray(b)))) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params))
+    )
     return metrics, moved
 
 
@@ -167,7 +178,10 @@ def test_an_update_increases_the_objective_on_its_batch(rl_batch, name):
     """The step ascends J: re-evaluating the same batch after one update gives a larger value."""
     policy, batch = rl_batch
     (first, second), _ = _one_update(policy, batch, name, mini_batches=1, micro_groups=4, repeat=2)
-    assert second["objective/value"] > first["objective/value"] + 1e-4, (first["objective/value"], second["objective/value"])
+    assert second["objective/value"] > first["objective/value"] + 1e-4, (
+        first["objective/value"],
+        second["objective/value"],
+    )
 
 
 def test_nonfinite_loss_skips_the_update(rl_batch):

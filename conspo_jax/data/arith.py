@@ -29,7 +29,11 @@ def build_arith_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\\boxed\{|."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=PAD,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=PAD,
         clean_up_tokenization_spaces=False,
     )
 
@@ -39,8 +43,16 @@ def _split_of(problem: str, eval_fraction: float) -> str:
     return "eval" if h < eval_fraction else "train"
 
 
-def make_arith_records(split: str, *, num: int, seed: int = 0, max_operand: int = 99, ops: str = "+-",
-                       eval_fraction: float = 0.2, pad_operands: bool = False) -> list[dict]:
+def make_arith_records(
+    split: str,
+    *,
+    num: int,
+    seed: int = 0,
+    max_operand: int = 99,
+    ops: str = "+-",
+    eval_fraction: float = 0.2,
+    pad_operands: bool = False,
+) -> list[dict]:
     """``num`` distinct problems of ``split`` ('train' or 'eval') as ``{id, problem, answer}`` records.
 
     ``pad_operands`` writes operands zero-padded to a common width ("07+12"), aligning digits by

@@ -20,7 +20,8 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from conspo_jax.rewards.extract import extract_boxed
 
@@ -76,14 +77,22 @@ def read_rows(path: str, format: str | None = None) -> list[dict]:
 
 # (marker substring, pattern): the cheap substring test keeps 17k-row sets fast.
 _TRAILING_INSTRUCTIONS = [
-    ("Please reason step by step", re.compile(
-        r"\s*Please reason step by step, and put your final answer within \\boxed\{\}\.?\s*$")),
-    ("Let's think step by step", re.compile(
-        r"\s*Let's think step by step and output the final answer within \\boxed\{\}\.?\s*$")),
-    ("Remember to put your answer", re.compile(r"\s*Remember to put your answer on its own line after \"Answer:\"\.?\s*$")),
+    (
+        "Please reason step by step",
+        re.compile(r"\s*Please reason step by step, and put your final answer within \\boxed\{\}\.?\s*$"),
+    ),
+    (
+        "Let's think step by step",
+        re.compile(r"\s*Let's think step by step and output the final answer within \\boxed\{\}\.?\s*$"),
+    ),
+    (
+        "Remember to put your answer",
+        re.compile(r"\s*Remember to put your answer on its own line after \"Answer:\"\.?\s*$"),
+    ),
 ]
 _DAPO_PREFIX = re.compile(
-    r"^\s*Solve the following math problem step by step\..*?where \$Answer is the answer to the problem\.\s*", re.S)
+    r"^\s*Solve the following math problem step by step\..*?where \$Answer is the answer to the problem\.\s*", re.S
+)
 
 
 def clean_problem(text: str) -> str:
@@ -150,44 +159,65 @@ def _first(row: dict, fields) -> tuple[str | None, Any]:
     return None, None
 
 
-def normalize_row(row: dict, index: int, *, source: str, problem_field: str | None = None,
-                  answer_field: str | None = None, id_field: str | None = None) -> dict:
+def normalize_row(
+    row: dict,
+    index: int,
+    *,
+    source: str,
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+) -> dict:
     """One raw row as ``{id, problem, answer}``; a missing field raises naming the file and row."""
     pf, problem = (problem_field, _get(row, problem_field)) if problem_field else _first(row, _PROBLEM_FIELDS)
     if problem is None:
-        raise ValueError(f"{source} row {index}: no problem field (tried {problem_field or _PROBLEM_FIELDS}); "
-                         f"keys are {sorted(row)}")
+        raise ValueError(
+            f"{source} row {index}: no problem field (tried {problem_field or _PROBLEM_FIELDS}); keys are {sorted(row)}"
+        )
     if pf == "prompt" or not isinstance(problem, str):
         problem = _prompt_text(problem)
     if _get(row, "extra_info.raw_problem"):  # DAPO eval parquet keeps the unwrapped problem
         problem = _get(row, "extra_info.raw_problem")
     af, answer = (answer_field, _get(row, answer_field)) if answer_field else _first(row, _ANSWER_FIELDS)
     if answer is None:
-        raise MissingAnswerError(f"{source} row {index}: no answer field (tried {answer_field or _ANSWER_FIELDS}); "
-                         f"keys are {sorted(row)}")
+        raise MissingAnswerError(
+            f"{source} row {index}: no answer field (tried {answer_field or _ANSWER_FIELDS}); keys are {sorted(row)}"
+        )
     if af == "solution":  # no answer field: the answer is the solution's last box (Minerva)
         text = answer if isinstance(answer, str) else "\n".join(map(str, answer))
         answer = extract_boxed(text)
         if answer is None:
             raise MissingAnswerError(f"{source} row {index}: solution has no \\boxed{{}} answer")
     _, rid = (id_field, _get(row, id_field)) if id_field else _first(row, _ID_FIELDS)
-    return {"id": str(index if rid is None else rid), "problem": clean_problem(str(problem)),
-            "answer": answer_string(answer)}
+    return {
+        "id": str(index if rid is None else rid),
+        "problem": clean_problem(str(problem)),
+        "answer": answer_string(answer),
+    }
 
 
-def load_records(path: str, format: str | None = None, *, problem_field: str | None = None,
-                 answer_field: str | None = None, id_field: str | None = None,
-                 limit: int | None = None) -> list[dict]:
+def load_records(
+    path: str,
+    format: str | None = None,
+    *,
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    limit: int | None = None,
+) -> list[dict]:
     """Reads any local file as ``{id, problem, answer}`` records (fields found automatically, or named
     with dotted paths such as ``reward_model.ground_truth``)."""
     rows = read_rows(path, format)
     if limit is not None:
         rows = rows[: int(limit)]
-    return [normalize_row(r, i, source=path, problem_field=problem_field, answer_field=answer_field,
-                          id_field=id_field) for i, r in enumerate(rows)]
+    return [
+        normalize_row(r, i, source=path, problem_field=problem_field, answer_field=answer_field, id_field=id_field)
+        for i, r in enumerate(rows)
+    ]
 
 
 # --- per-set fixes and the registry ------------------------------------------------------------------
+
 
 def _gsm8k(row: dict, i: int, source: str) -> dict:
     sol = row.get("answer")
@@ -221,34 +251,55 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "aime24": BenchmarkSpec(("aime24/test.jsonl",), 32, column="AIME24", description="AIME 2024 (30)"),
     "aime25": BenchmarkSpec(("aime25/test.jsonl",), 32, column="AIME25", description="AIME 2025 (30)"),
     "hmmt25": BenchmarkSpec(("hmmt_feb_2025/hmmt25.jsonl",), 32, column="HMMT25", description="HMMT Feb 2025 (30)"),
-    "amc": BenchmarkSpec(("amc23/deepscaler_amc.json",), 32, column="AMC",
-                         description="AMC 12 2022+2023, DeepScaleR's eval set (83)"),
+    "amc": BenchmarkSpec(
+        ("amc23/deepscaler_amc.json",), 32, column="AMC", description="AMC 12 2022+2023, DeepScaleR's eval set (83)"
+    ),
     "amc23": BenchmarkSpec(("amc23/test.jsonl",), 32, column="AMC", description="AMC 12 2023 (40)"),
-    "olympiadbench": BenchmarkSpec(("olympiadbench/test.jsonl",), 1, _olympiad, column="O-Bench",
-                                   description="OlympiadBench math, English, open-ended (675)"),
+    "olympiadbench": BenchmarkSpec(
+        ("olympiadbench/test.jsonl",),
+        1,
+        _olympiad,
+        column="O-Bench",
+        description="OlympiadBench math, English, open-ended (675)",
+    ),
     "minerva": BenchmarkSpec(("minerva_math/test.jsonl",), 1, column="Minerva", description="Minerva OCW (272)"),
     "gsm8k": BenchmarkSpec(("gsm8k/test.jsonl",), 1, _gsm8k, column="GSM8K", description="GSM8K test (1319)"),
     # training sets
     "gsm8k_train": BenchmarkSpec(("gsm8k/train.jsonl",), row_fn=_gsm8k, description="GSM8K train (7473)"),
-    "dapo_math_17k": BenchmarkSpec(("dapo_math_17k/dapo_math_17k.parquet",), description="DAPO-Math-17k (17917)",
-                                   skip_unanswered=True),
-    "deepscaler": BenchmarkSpec(("deepscaler_train_partial/aime.json", "deepscaler_train_partial/math.json"),
-                                description="DeepScaleR-Preview, the AIME+MATH part only (975+7470)",
-                                skip_unanswered=True),
-    "deepscaler_aime": BenchmarkSpec(("deepscaler_train_partial/aime.json",), description="AIME 1983-2023 (975)",
-                                     skip_unanswered=True),
-    "deepscaler_math": BenchmarkSpec(("deepscaler_train_partial/math.json",), skip_unanswered=True,
-                                     description="MATH train (7474 rows, 4 without an answer are skipped)"),
+    "dapo_math_17k": BenchmarkSpec(
+        ("dapo_math_17k/dapo_math_17k.parquet",), description="DAPO-Math-17k (17917)", skip_unanswered=True
+    ),
+    "deepscaler": BenchmarkSpec(
+        ("deepscaler_train_partial/aime.json", "deepscaler_train_partial/math.json"),
+        description="DeepScaleR-Preview, the AIME+MATH part only (975+7470)",
+        skip_unanswered=True,
+    ),
+    "deepscaler_aime": BenchmarkSpec(
+        ("deepscaler_train_partial/aime.json",), description="AIME 1983-2023 (975)", skip_unanswered=True
+    ),
+    "deepscaler_math": BenchmarkSpec(
+        ("deepscaler_train_partial/math.json",),
+        skip_unanswered=True,
+        description="MATH train (7474 rows, 4 without an answer are skipped)",
+    ),
 }
-ALIASES = {"olympiad": "olympiadbench", "o-bench": "olympiadbench", "minerva_math": "minerva",
-           "hmmt": "hmmt25", "hmmt_feb_2025": "hmmt25", "dapo": "dapo_math_17k", "math": "math500"}
+ALIASES = {
+    "olympiad": "olympiadbench",
+    "o-bench": "olympiadbench",
+    "minerva_math": "minerva",
+    "hmmt": "hmmt25",
+    "hmmt_feb_2025": "hmmt25",
+    "dapo": "dapo_math_17k",
+    "math": "math500",
+}
 
 
 def benchmark_spec(name: str) -> BenchmarkSpec:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)}; or a file path, "
-                         "or 'hf:<dataset>[:split]')")
+        raise ValueError(
+            f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)}; or a file path, or 'hf:<dataset>[:split]')"
+        )
     return BENCHMARKS[key]
 
 
@@ -292,22 +343,34 @@ def load_benchmark(name: str, data_dir: str | None = None, *, limit: int | None 
     return records
 
 
-def load_hf(path: str, *, split: str = "test", name: str | None = None, problem_field: str | None = None,
-            answer_field: str | None = None, limit: int | None = None) -> list[dict]:
+def load_hf(
+    path: str,
+    *,
+    split: str = "test",
+    name: str | None = None,
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+    limit: int | None = None,
+) -> list[dict]:
     """A Hugging Face hub dataset as records, through ``datasets`` (not a dependency of this package)."""
     try:
         import datasets  # noqa: PLC0415 - optional
     except ImportError as e:
-        raise ImportError(f"load_hf({path!r}) needs the 'datasets' package (pip install datasets); without "
-                          "it, download the file and use load_records(path)") from e
+        raise ImportError(
+            f"load_hf({path!r}) needs the 'datasets' package (pip install datasets); without "
+            "it, download the file and use load_records(path)"
+        ) from e
     ds = datasets.load_dataset(path, name, split=split)
     rows = list(ds.select(range(min(limit, len(ds))))) if limit is not None else list(ds)
-    return [normalize_row(dict(r), i, source=f"hf:{path}:{split}", problem_field=problem_field,
-                          answer_field=answer_field) for i, r in enumerate(rows)]
+    return [
+        normalize_row(dict(r), i, source=f"hf:{path}:{split}", problem_field=problem_field, answer_field=answer_field)
+        for i, r in enumerate(rows)
+    ]
 
 
-def load_dataset_spec(spec: str, *, fmt: str | None = None, data_dir: str | None = None,
-                      limit: int | None = None) -> list[dict]:
+def load_dataset_spec(
+    spec: str, *, fmt: str | None = None, data_dir: str | None = None, limit: int | None = None
+) -> list[dict]:
     """What a config's ``data.train`` names: a registry name, a local file (``fmt`` forces its format),
     or ``hf:<dataset>[:split]``. One clear error for anything else."""
     if not isinstance(spec, str) or not spec:
@@ -316,5 +379,7 @@ def load_dataset_spec(spec: str, *, fmt: str | None = None, data_dir: str | None
         return load_records(spec, fmt, limit=limit)
     if spec.startswith("hf:") or canonical_name(spec) in BENCHMARKS:
         return load_benchmark(spec, data_dir, limit=limit)
-    raise ValueError(f"dataset {spec!r} is neither a known name ({', '.join(BENCHMARKS)}), an existing file, "
-                     "nor 'hf:<dataset>[:split]'")
+    raise ValueError(
+        f"dataset {spec!r} is neither a known name ({', '.join(BENCHMARKS)}), an existing file, "
+        "nor 'hf:<dataset>[:split]'"
+    )

@@ -16,7 +16,7 @@ fresh iterator built with the same arguments, or hand the iterator to Orbax dire
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 
@@ -30,9 +30,18 @@ def _process_defaults(shard_index, shard_count):
     return int(shard_index), int(shard_count)
 
 
-def prompt_batches(records: Sequence[dict], *, batch_size: int, seed: int = 0, num_epochs: int | None = 1,
-                   shard_index: int | None = None, shard_count: int | None = None, shuffle: bool = True,
-                   drop_remainder: bool = True, batch_fn: Callable[[list], object] = list) -> grain.MapDataset:
+def prompt_batches(
+    records: Sequence[dict],
+    *,
+    batch_size: int,
+    seed: int = 0,
+    num_epochs: int | None = 1,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    batch_fn: Callable[[list], object] = list,
+) -> grain.MapDataset:
     """Batches of this process's share of ``records`` as a grain ``MapDataset`` (random access, ``len``).
 
     batch_size:   GLOBAL batch size (prompts per step over all processes); each process gets

@@ -20,7 +20,8 @@ def build_prompt(problem: str, tokenizer=None) -> str:
     text = f"{problem.strip()} {INSTRUCTION}"
     if tokenizer is not None and _has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
     return text
 
 
@@ -34,7 +35,7 @@ def encode_prompt(problem: str, tokenizer) -> list[int]:
         raise ValueError("encode_prompt: a tokenizer is required")
     chat = _has_chat_template(tokenizer)
     text = build_prompt(problem, tokenizer)
-    if hasattr(tokenizer, "__call__") and hasattr(tokenizer, "apply_chat_template"):  # HF tokenizer
+    if callable(tokenizer) and hasattr(tokenizer, "apply_chat_template"):  # HF tokenizer
         ids = tokenizer(text, add_special_tokens=not chat)["input_ids"]
     else:
         ids = tokenizer.encode(text)

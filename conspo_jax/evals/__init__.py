@@ -12,6 +12,14 @@ from conspo_jax.evals.report import PAPER_COLUMNS, format_table, load_results, t
 from conspo_jax.evals.runner import DEFAULT_BENCHMARKS, evaluate, run_eval_command
 
 __all__ = [
-    "DEFAULT_BENCHMARKS", "PAPER_COLUMNS", "avg_at_k", "evaluate", "format_table", "load_results",
-    "mean_pass_at_k", "pass_at_k", "run_eval_command", "table_from_results",
+    "DEFAULT_BENCHMARKS",
+    "PAPER_COLUMNS",
+    "avg_at_k",
+    "evaluate",
+    "format_table",
+    "load_results",
+    "mean_pass_at_k",
+    "pass_at_k",
+    "run_eval_command",
+    "table_from_results",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 # The paper's column order (Tables 1-3, 5), minus AIME26, for which there is no public data here.
 PAPER_COLUMNS = ("AIME24", "AIME25", "HMMT25", "MATH500", "AMC", "O-Bench")
@@ -21,8 +21,7 @@ def format_table(rows: Sequence[tuple[str, Mapping[str, float]]], *, digits: int
     used_paper = [c for c in PAPER_COLUMNS if any(c in s for _, s in rows)]
     # All paper columns stay when at least one is used, so tables from different runs line up.
     columns = (list(PAPER_COLUMNS) if used_paper else []) + extra
-    lines = ["| Method | " + " | ".join(columns + [AVG]) + " |",
-             "|---|" + "---:|" * (len(columns) + 1)]
+    lines = ["| Method | " + " | ".join(columns + [AVG]) + " |", "|---|" + "---:|" * (len(columns) + 1)]
     for label, scores in rows:
         cells = [f"{scores[c]:.{digits}f}" if c in scores else "-" for c in columns]
         filled = [scores[c] for c in columns if c in scores]

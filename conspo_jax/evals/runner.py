@@ -15,7 +15,7 @@ import json
 import os
 import time
 import zlib
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -67,11 +67,25 @@ def _column(name: str, taken: set) -> str:
     return col if col not in taken else name  # e.g. 'amc' and 'amc23' both run: the second keeps its name
 
 
-def evaluate(engine, tokenizer, benchmarks, *, out_dir: str, max_new_tokens: int,
-             k_overrides: Mapping[str, int] | int | None = None, temperature: float = 0.6, top_p: float = 0.95,
-             seed: int = 0, data_dir: str | None = None, limit: int | None = None, label: str = "model",
-             pool: RewardPool | None = None, rows_per_call: int = 256, stop_token_ids: Sequence[int] | None = None,
-             progress: bool = True) -> dict:
+def evaluate(
+    engine,
+    tokenizer,
+    benchmarks,
+    *,
+    out_dir: str,
+    max_new_tokens: int,
+    k_overrides: Mapping[str, int] | int | None = None,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    seed: int = 0,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    label: str = "model",
+    pool: RewardPool | None = None,
+    rows_per_call: int = 256,
+    stop_token_ids: Sequence[int] | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluates ``engine`` on ``benchmarks`` and returns the results dict (also written to out_dir).
 
     benchmarks:    names ("aime24", ...; see ``conspo_jax.data.math_data.BENCHMARKS``), file paths, or a
@@ -92,9 +106,18 @@ def evaluate(engine, tokenizer, benchmarks, *, out_dir: str, max_new_tokens: int
     own_pool = pool is None
     pool = pool or RewardPool()
     verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="conspo-verify")
-    results: dict = {"label": label, "settings": dict(
-        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, limit=limit,
-        stop_token_ids=list(stop)), "benchmarks": {}}
+    results: dict = {
+        "label": label,
+        "settings": dict(
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            limit=limit,
+            stop_token_ids=list(stop),
+        ),
+        "benchmarks": {},
+    }
     columns: set = set()
     t_all = time.time()
     try:
@@ -103,11 +126,28 @@ def evaluate(engine, tokenizer, benchmarks, *, out_dir: str, max_new_tokens: int
                 k = _k_for(name, k_overrides)
                 col = _column(name, columns)
                 columns.add(col)
-                res = _run_benchmark(engine, tokenizer, name, records, k=k, temperature=temperature, top_p=top_p,
-                                     max_new_tokens=max_new_tokens, seed=seed, stop=stop, pool=pool,
-                                     verifier=verifier, rows_per_call=rows_per_call, samples_f=samples_f,
-                                     bar=tqdm(total=len(records), desc=f"{name} ({'avg' if k > 1 else 'pass'}@{k})",
-                                              unit="problem", disable=not progress))
+                res = _run_benchmark(
+                    engine,
+                    tokenizer,
+                    name,
+                    records,
+                    k=k,
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
+                    seed=seed,
+                    stop=stop,
+                    pool=pool,
+                    verifier=verifier,
+                    rows_per_call=rows_per_call,
+                    samples_f=samples_f,
+                    bar=tqdm(
+                        total=len(records),
+                        desc=f"{name} ({'avg' if k > 1 else 'pass'}@{k})",
+                        unit="problem",
+                        disable=not progress,
+                    ),
+                )
                 res["column"] = col
                 results["benchmarks"][name] = res
     finally:
@@ -122,8 +162,24 @@ def evaluate(engine, tokenizer, benchmarks, *, out_dir: str, max_new_tokens: int
     return results
 
 
-def _run_benchmark(engine, tokenizer, name, records, *, k, temperature, top_p, max_new_tokens, seed, stop, pool,
-                   verifier, rows_per_call, samples_f, bar) -> dict:
+def _run_benchmark(
+    engine,
+    tokenizer,
+    name,
+    records,
+    *,
+    k,
+    temperature,
+    top_p,
+    max_new_tokens,
+    seed,
+    stop,
+    pool,
+    verifier,
+    rows_per_call,
+    samples_f,
+    bar,
+) -> dict:
     t0 = time.time()
     prompts = [encode_prompt(r["problem"], tokenizer) for r in records]
     per_call = max(1, rows_per_call // k)
@@ -142,30 +198,56 @@ def _run_benchmark(engine, tokenizer, name, records, *, k, temperature, top_p, m
             stats["timeouts"] += v.reason == "timeout"
             stats["tokens"] += int(lens[row])
             rec = chunk_recs[p]
-            samples_f.write(json.dumps({
-                "benchmark": name, "id": rec["id"], "sample": s, "answer": rec["answer"], "extracted": v.extracted,
-                "correct": bool(v.score > 0), "verdict": v.reason, "finish_reason": reasons[row],
-                "num_tokens": int(lens[row]), "response": text}, ensure_ascii=False) + "\n")
+            samples_f.write(
+                json.dumps(
+                    {
+                        "benchmark": name,
+                        "id": rec["id"],
+                        "sample": s,
+                        "answer": rec["answer"],
+                        "extracted": v.extracted,
+                        "correct": bool(v.score > 0),
+                        "verdict": v.reason,
+                        "finish_reason": reasons[row],
+                        "num_tokens": int(lens[row]),
+                        "response": text,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
         bar.update(len(chunk_recs))
         done = start + len(chunk_recs)
         bar.set_postfix(score=f"{100 * correct[:done].mean():.1f}")
 
     try:
         for start in range(0, len(records), per_call):
-            chunk = prompts[start:start + per_call]
+            chunk = prompts[start : start + per_call]
             real = len(chunk)
             if real < per_call and len(records) > per_call:
                 chunk = chunk + [chunk[-1]] * (per_call - real)  # same shape as the other calls
-            params = SamplingParams(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                    stop_token_ids=stop, seed=(seed * 1_000_003 + zlib.crc32(name.encode()) + start)
-                                    % 2**31)
+            params = SamplingParams(
+                n=k,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                stop_token_ids=stop,
+                seed=(seed * 1_000_003 + zlib.crc32(name.encode()) + start) % 2**31,
+            )
             out = engine.generate(chunk, params)
             rows = real * k
             texts = tokenizer.batch_decode(out.completions()[:rows], skip_special_tokens=True)
             lens = out.completion_lens_R[:rows]
             reasons = list(out.finish_reasons[:rows])
             answers = [records[start + r // k]["answer"] for r in range(rows)]
-            job = (start, records[start:start + real], texts, lens, reasons, verifier.submit(pool.verify, texts, answers))
+            job = (
+                start,
+                records[start : start + real],
+                texts,
+                lens,
+                reasons,
+                verifier.submit(pool.verify, texts, answers),
+            )
             if pending is not None:
                 finish(pending)  # verify chunk i while the engine samples chunk i + 1
             pending = job
@@ -189,8 +271,14 @@ def _run_benchmark(engine, tokenizer, name, records, *, k, temperature, top_p, m
     }
 
 
-def run_eval_command(config, *, checkpoint: str | None = None, hf: str | None = None,
-                     benchmarks: Sequence[str] | None = None, workdir: str) -> dict:
+def run_eval_command(
+    config,
+    *,
+    checkpoint: str | None = None,
+    hf: str | None = None,
+    benchmarks: Sequence[str] | None = None,
+    workdir: str,
+) -> dict:
     """``conspo eval``: loads the policy (an HF directory or a trainer checkpoint), builds the JAX engine
     and runs ``evaluate`` with the config's ``eval`` section. Results go to ``workdir``."""
     from conspo_jax.configs import UsageError
@@ -219,19 +307,36 @@ def run_eval_command(config, *, checkpoint: str | None = None, hf: str | None = 
         try:
             from conspo_jax.train.checkpoint import load_policy_for_eval
         except ImportError:
-            raise UsageError("--checkpoint is not wired yet (needs conspo_jax.train.checkpoint."
-                             "load_policy_for_eval); export the checkpoint to HF and use --hf") from None
+            raise UsageError(
+                "--checkpoint is not wired yet (needs conspo_jax.train.checkpoint."
+                "load_policy_for_eval); export the checkpoint to HF and use --hf"
+            ) from None
         tokenizer = setup.build_tokenizer(config)
         policy = load_policy_for_eval(config, checkpoint, tokenizer=tokenizer, mesh=mesh)
     stop = setup.stop_token_ids(tokenizer, policy.config)
-    engine = JaxEngine(policy, eos_token_ids=stop, pad_id=tokenizer.pad_token_id or 0, mesh=mesh,
-                       prompt_bucket=config.rollout.prompt_bucket)
+    engine = JaxEngine(
+        policy,
+        eos_token_ids=stop,
+        pad_id=tokenizer.pad_token_id or 0,
+        mesh=mesh,
+        prompt_bucket=config.rollout.prompt_bucket,
+    )
     k = int(e.get("k", 0) or 0)  # 0: the paper's protocol (32 samples on AIME / HMMT / AMC, else 1)
-    results = evaluate(engine, tokenizer, names, out_dir=workdir,
-                       max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
-                       k_overrides=k or None, temperature=e.temperature, top_p=e.top_p, seed=config.seed,
-                       limit=e.limit or None, stop_token_ids=stop,
-                       label=os.path.basename(os.path.normpath(hf or checkpoint)))
-    print(f"\n{results['table']}\nresults.json, table.md and samples.jsonl are in {os.path.abspath(workdir)}",
-          flush=True)
+    results = evaluate(
+        engine,
+        tokenizer,
+        names,
+        out_dir=workdir,
+        max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
+        k_overrides=k or None,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        seed=config.seed,
+        limit=e.limit or None,
+        stop_token_ids=stop,
+        label=os.path.basename(os.path.normpath(hf or checkpoint)),
+    )
+    print(
+        f"\n{results['table']}\nresults.json, table.md and samples.jsonl are in {os.path.abspath(workdir)}", flush=True
+    )
     return results

@@ -18,17 +18,41 @@ from conspo_jax.models.cache import KVCache, forward_cached, init_kv_cache, kv_c
 from conspo_jax.models.config import ModelConfig, get_model_config, list_model_configs
 from conspo_jax.models.hf_io import load_hf_policy, save_hf_policy
 from conspo_jax.models.logprobs import mask_positions, segment_positions, token_logprobs
-from conspo_jax.models.sharding import (LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh,
-                                        state_shardings)
-from conspo_jax.models.transformer import (Transformer, abstract_policy, hidden_states, init_policy,
-                                           policy_logits, policy_state_shardings)
+from conspo_jax.models.sharding import LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, state_shardings
+from conspo_jax.models.transformer import (
+    Transformer,
+    abstract_policy,
+    hidden_states,
+    init_policy,
+    policy_logits,
+    policy_state_shardings,
+)
 
 Policy = Transformer
 
 __all__ = [
-    "KVCache", "LOGICAL_RULES", "ModelConfig", "Policy", "Transformer", "abstract_policy",
-    "batch_sharding", "forward_cached", "get_model_config", "hidden_states", "init_kv_cache",
-    "init_policy", "kv_cache_sharding", "list_model_configs", "load_hf_policy", "logical_to_spec",
-    "make_mesh", "mask_positions", "policy_logits", "policy_state_shardings", "save_hf_policy",
-    "segment_positions", "state_shardings", "token_logprobs",
+    "KVCache",
+    "LOGICAL_RULES",
+    "ModelConfig",
+    "Policy",
+    "Transformer",
+    "abstract_policy",
+    "batch_sharding",
+    "forward_cached",
+    "get_model_config",
+    "hidden_states",
+    "init_kv_cache",
+    "init_policy",
+    "kv_cache_sharding",
+    "list_model_configs",
+    "load_hf_policy",
+    "logical_to_spec",
+    "make_mesh",
+    "mask_positions",
+    "policy_logits",
+    "policy_state_shardings",
+    "save_hf_policy",
+    "segment_positions",
+    "state_shardings",
+    "token_logprobs",
 ]

@@ -21,27 +21,27 @@ from conspo_jax.models.sharding import constrain, state_shardings
 
 
 def layer_param_specs(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
-  """name -> (per-layer shape, logical axes, init) of every stacked layer weight of `c`."""
-  d, f, h, k, dh = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
-  specs = {
-      "attn_norm": ((d,), ("norm",), "ones"),
-      "q": ((d, h, dh), ("embed", "heads", "head_dim"), "normal"),
-      "k": ((d, k, dh), ("embed", "kv_heads", "head_dim"), "normal"),
-      "v": ((d, k, dh), ("embed", "kv_heads", "head_dim"), "normal"),
-      "o": ((h, dh, d), ("heads", "head_dim", "embed"), "normal"),
-      "mlp_norm": ((d,), ("norm",), "ones"),
-      "gate": ((d, f), ("embed", "mlp"), "normal"),
-      "up": ((d, f), ("embed", "mlp"), "normal"),
-      "down": ((f, d), ("mlp", "embed"), "normal"),
-  }
-  if c.qkv_bias:
-    specs["q_bias"] = ((h, dh), ("heads", "head_dim"), "zeros")
-    specs["k_bias"] = ((k, dh), ("kv_heads", "head_dim"), "zeros")
-    specs["v_bias"] = ((k, dh), ("kv_heads", "head_dim"), "zeros")
-  if c.qk_norm:
-    specs["q_norm"] = ((dh,), ("norm",), "ones")
-    specs["k_norm"] = ((dh,), ("norm",), "ones")
-  return specs
+    """name -> (per-layer shape, logical axes, init) of every stacked layer weight of `c`."""
+    d, f, h, k, dh = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    specs = {
+        "attn_norm": ((d,), ("norm",), "ones"),
+        "q": ((d, h, dh), ("embed", "heads", "head_dim"), "normal"),
+        "k": ((d, k, dh), ("embed", "kv_heads", "head_dim"), "normal"),
+        "v": ((d, k, dh), ("embed", "kv_heads", "head_dim"), "normal"),
+        "o": ((h, dh, d), ("heads", "head_dim", "embed"), "normal"),
+        "mlp_norm": ((d,), ("norm",), "ones"),
+        "gate": ((d, f), ("embed", "mlp"), "normal"),
+        "up": ((d, f), ("embed", "mlp"), "normal"),
+        "down": ((f, d), ("mlp", "embed"), "normal"),
+    }
+    if c.qkv_bias:
+        specs["q_bias"] = ((h, dh), ("heads", "head_dim"), "zeros")
+        specs["k_bias"] = ((k, dh), ("kv_heads", "head_dim"), "zeros")
+        specs["v_bias"] = ((k, dh), ("kv_heads", "head_dim"), "zeros")
+    if c.qk_norm:
+        specs["q_norm"] = ((dh,), ("norm",), "ones")
+        specs["k_norm"] = ((dh,), ("norm",), "ones")
+    return specs
 
 
 # Below this many random weights, all of them come from ONE normal draw that is then sliced: XLA's
@@ -51,215 +51,251 @@ _FLAT_INIT_MAX = 1 << 26
 
 
 class _Init:
-  """Produces initial values for a list of weight specs from one `nnx.Rngs` stream."""
+    """Produces initial values for a list of weight specs from one `nnx.Rngs` stream."""
 
-  def __init__(self, rngs: nnx.Rngs, specs, std: float, dtype):
-    self.std, self.dtype = std, dtype
-    sizes = [math.prod(shape) for shape, init in specs if init == "normal"]
-    self.flat = None
-    if sum(sizes) <= _FLAT_INIT_MAX:
-      self.flat = std * jax.random.normal(rngs.params(), (sum(sizes),), jnp.float32)
-      self.offset = 0
-    self.rngs = rngs
+    def __init__(self, rngs: nnx.Rngs, specs, std: float, dtype):
+        self.std, self.dtype = std, dtype
+        sizes = [math.prod(shape) for shape, init in specs if init == "normal"]
+        self.flat = None
+        if sum(sizes) <= _FLAT_INIT_MAX:
+            self.flat = std * jax.random.normal(rngs.params(), (sum(sizes),), jnp.float32)
+            self.offset = 0
+        self.rngs = rngs
 
-  def __call__(self, shape, init: str):
-    if init == "ones":
-      return jnp.ones(shape, self.dtype)
-    if init == "zeros":
-      return jnp.zeros(shape, self.dtype)
-    if self.flat is None:
-      return (self.std * jax.random.normal(self.rngs.params(), shape, jnp.float32)).astype(self.dtype)
-    n = math.prod(shape)
-    out = self.flat[self.offset:self.offset + n].reshape(shape).astype(self.dtype)
-    self.offset += n
-    return out
+    def __call__(self, shape, init: str):
+        if init == "ones":
+            return jnp.ones(shape, self.dtype)
+        if init == "zeros":
+            return jnp.zeros(shape, self.dtype)
+        if self.flat is None:
+            return (self.std * jax.random.normal(self.rngs.params(), shape, jnp.float32)).astype(self.dtype)
+        n = math.prod(shape)
+        out = self.flat[self.offset : self.offset + n].reshape(shape).astype(self.dtype)
+        self.offset += n
+        return out
 
 
 def _param(value, axes) -> nnx.Param:
-  # eager_sharding=False: placement comes from `state_shardings` at jit time, not at construction.
-  return nnx.Param(value, logical_axes=tuple(axes), eager_sharding=False)
+    # eager_sharding=False: placement comes from `state_shardings` at jit time, not at construction.
+    return nnx.Param(value, logical_axes=tuple(axes), eager_sharding=False)
 
 
 def _all_specs(c: ModelConfig):
-  """(owner, name, shape, logical axes, init) of every weight, in creation order."""
-  out = [("model", "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal")]
-  for name, (shape, axes, init) in layer_param_specs(c).items():
-    out.append(("layers", name, (c.num_layers, *shape), ("layers", *axes), init))
-  out.append(("model", "final_norm", (c.hidden_size,), ("norm",), "ones"))
-  if not c.tie_word_embeddings:
-    out.append(("model", "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal"))
-  return out
+    """(owner, name, shape, logical axes, init) of every weight, in creation order."""
+    out = [("model", "embed", (c.vocab_size, c.hidden_size), ("vocab", "embed"), "normal")]
+    for name, (shape, axes, init) in layer_param_specs(c).items():
+        out.append(("layers", name, (c.num_layers, *shape), ("layers", *axes), init))
+    out.append(("model", "final_norm", (c.hidden_size,), ("norm",), "ones"))
+    if not c.tie_word_embeddings:
+        out.append(("model", "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), "normal"))
+    return out
 
 
 class Layers(nnx.Module):
-  """All decoder layers' weights, each an nnx.Param of shape [L, ...]."""
+    """All decoder layers' weights, each an nnx.Param of shape [L, ...]."""
 
-  def __init__(self, values: dict[str, nnx.Param]):
-    for name, param in values.items():
-      setattr(self, name, param)
+    def __init__(self, values: dict[str, nnx.Param]):
+        for name, param in values.items():
+            setattr(self, name, param)
 
-  def arrays(self) -> dict[str, jax.Array]:
-    return {name: getattr(self, name)[...] for name in vars(self) if
-            isinstance(getattr(self, name), nnx.Param)}
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in vars(self) if isinstance(getattr(self, name), nnx.Param)}
 
 
 class Transformer(nnx.Module):
-  """Causal LM policy.
+    """Causal LM policy.
 
-  Options are static attributes that travel in the graphdef, so `nnx.merge(graphdef, state)` inside
-  a jitted loss restores them: dtype (compute), param_dtype, remat (see layers.REMAT_POLICIES),
-  logprob_chunk (tokens per log-softmax chunk), attn_impl ('auto' = cuDNN flash attention on GPU in
-  bf16/fp16, else XLA), attn_chunk (query block of masked XLA attention), mesh.
-  """
+    Options are static attributes that travel in the graphdef, so `nnx.merge(graphdef, state)` inside
+    a jitted loss restores them: dtype (compute), param_dtype, remat (see layers.REMAT_POLICIES),
+    logprob_chunk (tokens per log-softmax chunk), attn_impl ('auto' = cuDNN flash attention on GPU in
+    bf16/fp16, else XLA), attn_chunk (query block of masked XLA attention), mesh.
+    """
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
-               param_dtype=jnp.float32, remat: str = "none", logprob_chunk: int = 2048,
-               attn_impl: str = "auto", attn_chunk: int = 1024, mesh: Mesh | None = None):
-    if attn_impl not in ("auto", "xla", "cudnn"):
-      raise ValueError(f"attn_impl={attn_impl!r} not supported; expected 'auto', 'xla' or 'cudnn'")
-    L.maybe_remat(lambda x: x, remat)  # validates the name
-    if int(logprob_chunk) < 1:
-      raise ValueError(f"logprob_chunk={logprob_chunk!r} must be a positive int")
-    if int(attn_chunk) < 1:
-      raise ValueError(f"attn_chunk={attn_chunk!r} must be a positive int")
-    self.config = config
-    self.dtype = jnp.dtype(dtype)
-    self.param_dtype = jnp.dtype(param_dtype)
-    self.remat = remat
-    self.logprob_chunk = int(logprob_chunk)
-    self.attn_impl = attn_impl
-    self.attn_chunk = int(attn_chunk)
-    self.mesh = mesh
-    specs = _all_specs(config)
-    make = _Init(rngs, [(shape, init) for _, _, shape, _, init in specs], config.initializer_range,
-                 param_dtype)
-    layer_params = {}
-    for owner, name, shape, axes, init in specs:
-      param = _param(make(shape, init), axes)
-      if owner == "layers":
-        layer_params[name] = param
-      else:
-        setattr(self, name, param)
-    self.layers = Layers(layer_params)
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
+        remat: str = "none",
+        logprob_chunk: int = 2048,
+        attn_impl: str = "auto",
+        attn_chunk: int = 1024,
+        mesh: Mesh | None = None,
+    ):
+        if attn_impl not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"attn_impl={attn_impl!r} not supported; expected 'auto', 'xla' or 'cudnn'")
+        L.maybe_remat(lambda x: x, remat)  # validates the name
+        if int(logprob_chunk) < 1:
+            raise ValueError(f"logprob_chunk={logprob_chunk!r} must be a positive int")
+        if int(attn_chunk) < 1:
+            raise ValueError(f"attn_chunk={attn_chunk!r} must be a positive int")
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.remat = remat
+        self.logprob_chunk = int(logprob_chunk)
+        self.attn_impl = attn_impl
+        self.attn_chunk = int(attn_chunk)
+        self.mesh = mesh
+        specs = _all_specs(config)
+        make = _Init(rngs, [(shape, init) for _, _, shape, _, init in specs], config.initializer_range, param_dtype)
+        layer_params = {}
+        for owner, name, shape, axes, init in specs:
+            param = _param(make(shape, init), axes)
+            if owner == "layers":
+                layer_params[name] = param
+            else:
+                setattr(self, name, param)
+        self.layers = Layers(layer_params)
 
-  # ------------------------------------------------------------------ helpers used by all paths
-  def resolved_attn_impl(self) -> str:
-    if self.attn_impl != "auto":
-      return self.attn_impl
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and self.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    # ------------------------------------------------------------------ helpers used by all paths
+    def resolved_attn_impl(self) -> str:
+        if self.attn_impl != "auto":
+            return self.attn_impl
+        on_gpu = jax.default_backend() == "gpu"
+        return "cudnn" if on_gpu and self.dtype in (jnp.bfloat16, jnp.float16) else "xla"
 
-  def embed_tokens(self, input_ids_BxT: jax.Array) -> jax.Array:
-    x = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(self.dtype)
-    return constrain(x, self.mesh, ("batch", "seq", "act_embed"))
+    def embed_tokens(self, input_ids_BxT: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed[...], input_ids_BxT, axis=0).astype(self.dtype)
+        return constrain(x, self.mesh, ("batch", "seq", "act_embed"))
 
-  def head_weight(self) -> jax.Array:
-    """LM head as [D, V] in the compute dtype (the transposed embedding when tied)."""
-    w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-    return w.astype(self.dtype)
+    def head_weight(self) -> jax.Array:
+        """LM head as [D, V] in the compute dtype (the transposed embedding when tied)."""
+        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return w.astype(self.dtype)
 
-  def final_hidden(self, x_BxTxD: jax.Array) -> jax.Array:
-    return L.rms_norm(x_BxTxD, self.final_norm[...], self.config.rms_norm_eps)
+    def final_hidden(self, x_BxTxD: jax.Array) -> jax.Array:
+        return L.rms_norm(x_BxTxD, self.final_norm[...], self.config.rms_norm_eps)
 
 
 def qkv_projection(model: Transformer, p: dict[str, jax.Array], x_BxTxD, cos, sin):
-  """Pre-norm + Q/K/V projections (+ bias, + q/k norm) + RoPE for one layer."""
-  c, dt = model.config, model.dtype
-  h = L.rms_norm(x_BxTxD, p["attn_norm"], c.rms_norm_eps)
-  q = jnp.einsum("btd,dnh->btnh", h, p["q"].astype(dt))
-  k = jnp.einsum("btd,dnh->btnh", h, p["k"].astype(dt))
-  v = jnp.einsum("btd,dnh->btnh", h, p["v"].astype(dt))
-  if c.qkv_bias:
-    q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
-  if c.qk_norm:
-    q = L.rms_norm(q, p["q_norm"], c.rms_norm_eps)
-    k = L.rms_norm(k, p["k_norm"], c.rms_norm_eps)
-  q = constrain(L.apply_rope(q, cos, sin), model.mesh, ("batch", "seq", "act_heads", None))
-  k = constrain(L.apply_rope(k, cos, sin), model.mesh, ("batch", "seq", "act_kv_heads", None))
-  v = constrain(v, model.mesh, ("batch", "seq", "act_kv_heads", None))
-  return q, k, v
+    """Pre-norm + Q/K/V projections (+ bias, + q/k norm) + RoPE for one layer."""
+    c, dt = model.config, model.dtype
+    h = L.rms_norm(x_BxTxD, p["attn_norm"], c.rms_norm_eps)
+    q = jnp.einsum("btd,dnh->btnh", h, p["q"].astype(dt))
+    k = jnp.einsum("btd,dnh->btnh", h, p["k"].astype(dt))
+    v = jnp.einsum("btd,dnh->btnh", h, p["v"].astype(dt))
+    if c.qkv_bias:
+        q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
+    if c.qk_norm:
+        q = L.rms_norm(q, p["q_norm"], c.rms_norm_eps)
+        k = L.rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    q = constrain(L.apply_rope(q, cos, sin), model.mesh, ("batch", "seq", "act_heads", None))
+    k = constrain(L.apply_rope(k, cos, sin), model.mesh, ("batch", "seq", "act_kv_heads", None))
+    v = constrain(v, model.mesh, ("batch", "seq", "act_kv_heads", None))
+    return q, k, v
 
 
 def attn_output_and_mlp(model: Transformer, p: dict[str, jax.Array], x_BxTxD, o_BxTxNxH):
-  """Output projection + residual, then pre-norm SwiGLU + residual."""
-  c, dt = model.config, model.dtype
-  x = x_BxTxD + jnp.einsum("btnh,nhd->btd", o_BxTxNxH.astype(dt), p["o"].astype(dt))
-  x = constrain(x, model.mesh, ("batch", "seq", "act_embed"))
-  h = L.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-  x = x + L.swiglu(h, p["gate"].astype(dt), p["up"].astype(dt), p["down"].astype(dt))
-  return constrain(x, model.mesh, ("batch", "seq", "act_embed"))
+    """Output projection + residual, then pre-norm SwiGLU + residual."""
+    c, dt = model.config, model.dtype
+    x = x_BxTxD + jnp.einsum("btnh,nhd->btd", o_BxTxNxH.astype(dt), p["o"].astype(dt))
+    x = constrain(x, model.mesh, ("batch", "seq", "act_embed"))
+    h = L.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    x = x + L.swiglu(h, p["gate"].astype(dt), p["up"].astype(dt), p["down"].astype(dt))
+    return constrain(x, model.mesh, ("batch", "seq", "act_embed"))
 
 
-def hidden_states(model: Transformer, input_ids_BxT, positions_BxT, attention_mask_BxT=None, *,
-                  segment_ids_BxT=None, right_aligned_lengths_B=None) -> jax.Array:
-  """Final-norm hidden states [B, T, D] of a full (no-cache) causal forward pass.
+def hidden_states(
+    model: Transformer,
+    input_ids_BxT,
+    positions_BxT,
+    attention_mask_BxT=None,
+    *,
+    segment_ids_BxT=None,
+    right_aligned_lengths_B=None,
+) -> jax.Array:
+    """Final-norm hidden states [B, T, D] of a full (no-cache) causal forward pass.
 
-  Keys are limited to real tokens (`attention_mask`) and, for packed rows, to the query's segment.
-  With `right_aligned_lengths` instead, row b's real tokens are exactly its first lengths[b] slots:
-  attention then needs no mask at all (the cuDNN flash-attention form).
-  """
-  impl = model.resolved_attn_impl()
-  cos, sin = L.rope_tables(model.config, positions_BxT)
-  b, t = input_ids_BxT.shape
-  if right_aligned_lengths_B is None and attention_mask_BxT is None:
-    attention_mask_BxT = jnp.ones((b, t), bool)
+    Keys are limited to real tokens (`attention_mask`) and, for packed rows, to the query's segment.
+    With `right_aligned_lengths` instead, row b's real tokens are exactly its first lengths[b] slots:
+    attention then needs no mask at all (the cuDNN flash-attention form).
+    """
+    impl = model.resolved_attn_impl()
+    cos, sin = L.rope_tables(model.config, positions_BxT)
+    b, t = input_ids_BxT.shape
+    if right_aligned_lengths_B is None and attention_mask_BxT is None:
+        attention_mask_BxT = jnp.ones((b, t), bool)
 
-  def attend(q, k, v):
-    if right_aligned_lengths_B is not None:
-      return L.attention(q, k, v, causal=True, lengths=right_aligned_lengths_B,
-                         implementation=impl)
-    return L.slot_attention(
-        q, k, v, q_slot_T=jnp.arange(t, dtype=jnp.int32),
-        kv_valid_BxS=attention_mask_BxT.astype(bool), q_seg_BxT=segment_ids_BxT,
-        kv_seg_BxS=segment_ids_BxT, self_visible=True, q_chunk=model.attn_chunk)
+    def attend(q, k, v):
+        if right_aligned_lengths_B is not None:
+            return L.attention(q, k, v, causal=True, lengths=right_aligned_lengths_B, implementation=impl)
+        return L.slot_attention(
+            q,
+            k,
+            v,
+            q_slot_T=jnp.arange(t, dtype=jnp.int32),
+            kv_valid_BxS=attention_mask_BxT.astype(bool),
+            q_seg_BxT=segment_ids_BxT,
+            kv_seg_BxS=segment_ids_BxT,
+            self_visible=True,
+            q_chunk=model.attn_chunk,
+        )
 
-  def layer(x, p):
-    q, k, v = qkv_projection(model, p, x, cos, sin)
-    return attn_output_and_mlp(model, p, x, attend(q, k, v)), None
+    def layer(x, p):
+        q, k, v = qkv_projection(model, p, x, cos, sin)
+        return attn_output_and_mlp(model, p, x, attend(q, k, v)), None
 
-  x = model.embed_tokens(input_ids_BxT)
-  x, _ = jax.lax.scan(L.maybe_remat(layer, model.remat), x, model.layers.arrays())
-  return model.final_hidden(x)
+    x = model.embed_tokens(input_ids_BxT)
+    x, _ = jax.lax.scan(L.maybe_remat(layer, model.remat), x, model.layers.arrays())
+    return model.final_hidden(x)
 
 
 def policy_logits(model: Transformer, h_BxTxD: jax.Array) -> jax.Array:
-  """fp32 logits [B, T, V] through the (tied or untied) LM head. Materialises [B, T, V]: use it for
-  sampling (T small); `token_logprobs` computes log-probs in chunks instead."""
-  logits = jnp.einsum("btd,dv->btv", h_BxTxD.astype(model.dtype), model.head_weight(),
-                      preferred_element_type=jnp.float32)
-  return constrain(logits, model.mesh, ("batch", "seq", "act_vocab"))
+    """fp32 logits [B, T, V] through the (tied or untied) LM head. Materialises [B, T, V]: use it for
+    sampling (T small); `token_logprobs` computes log-probs in chunks instead."""
+    logits = jnp.einsum(
+        "btd,dv->btv", h_BxTxD.astype(model.dtype), model.head_weight(), preferred_element_type=jnp.float32
+    )
+    return constrain(logits, model.mesh, ("batch", "seq", "act_vocab"))
 
 
 def _build(config, seed, kwargs) -> Transformer:
-  return Transformer(config, rngs=nnx.Rngs(params=seed), **kwargs)
+    return Transformer(config, rngs=nnx.Rngs(params=seed), **kwargs)
 
 
 def abstract_policy(config: ModelConfig, **kwargs) -> Transformer:
-  """Shape-only policy (no memory allocated): for shardings and for loading weights into."""
-  return nnx.eval_shape(lambda: _build(config, 0, kwargs))
+    """Shape-only policy (no memory allocated): for shardings and for loading weights into."""
+    return nnx.eval_shape(lambda: _build(config, 0, kwargs))
 
 
-def init_policy(config: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                mesh: Mesh | None = None, remat: str = "none", logprob_chunk: int = 2048,
-                attn_impl: str = "auto", attn_chunk: int = 1024) -> Transformer:
-  """Randomly initialised policy. With `mesh`, every weight is created directly in its sharding
-  (eval_shape -> shardings -> jit(init, out_shardings)), so no unsharded copy ever exists."""
-  if not isinstance(config, ModelConfig):
-    raise TypeError(f"init_policy config must be a ModelConfig, got {type(config).__name__}")
-  kwargs: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                logprob_chunk=logprob_chunk, attn_impl=attn_impl,
-                                attn_chunk=attn_chunk, mesh=mesh)
-  graphdef, abs_state = nnx.split(abstract_policy(config, **kwargs))
-  out_shardings = state_shardings(abs_state, mesh) if mesh is not None else None
+def init_policy(
+    config: ModelConfig,
+    *,
+    seed: int = 0,
+    dtype=jnp.bfloat16,
+    param_dtype=jnp.float32,
+    mesh: Mesh | None = None,
+    remat: str = "none",
+    logprob_chunk: int = 2048,
+    attn_impl: str = "auto",
+    attn_chunk: int = 1024,
+) -> Transformer:
+    """Randomly initialised policy. With `mesh`, every weight is created directly in its sharding
+    (eval_shape -> shardings -> jit(init, out_shardings)), so no unsharded copy ever exists."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"init_policy config must be a ModelConfig, got {type(config).__name__}")
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat=remat,
+        logprob_chunk=logprob_chunk,
+        attn_impl=attn_impl,
+        attn_chunk=attn_chunk,
+        mesh=mesh,
+    )
+    graphdef, abs_state = nnx.split(abstract_policy(config, **kwargs))
+    out_shardings = state_shardings(abs_state, mesh) if mesh is not None else None
 
-  init_state = jax.jit(lambda: nnx.state(_build(config, seed, kwargs)), out_shardings=out_shardings)
-  return nnx.merge(graphdef, init_state())
+    init_state = jax.jit(lambda: nnx.state(_build(config, seed, kwargs)), out_shardings=out_shardings)
+    return nnx.merge(graphdef, init_state())
 
 
 def policy_state_shardings(model: Transformer, mesh: Mesh | None = None):
-  """NamedShardings matching `nnx.state(model)` (for jit in/out shardings in the trainer)."""
-  mesh = mesh if mesh is not None else model.mesh
-  if mesh is None:
-    raise ValueError("policy_state_shardings needs a mesh (the policy has none)")
-  return state_shardings(nnx.state(model), mesh)
-
+    """NamedShardings matching `nnx.state(model)` (for jit in/out shardings in the trainer)."""
+    mesh = mesh if mesh is not None else model.mesh
+    if mesh is None:
+        raise ValueError("policy_state_shardings needs a mesh (the policy has none)")
+    return state_shardings(nnx.state(model), mesh)

@@ -11,6 +11,9 @@ Registered names: conspo, conspo_no_contrastive, conspo_no_loglik, conspo_no_mar
 conspo_fixed_margin, grpo, dapo, dr_grpo, disco, gmpo, cispo, sapo, gspo.
 """
 
+# Imported for their registrations.
+from conspo_jax.objectives import disco as _disco  # noqa: F401  pylint: disable=unused-import
+from conspo_jax.objectives import ratio_family as _ratio_family  # noqa: F401  pylint: disable=unused-import
 from conspo_jax.objectives.advantages import group_advantages, split_groups
 from conspo_jax.objectives.conspo import (
     conspo_objective,
@@ -31,10 +34,6 @@ from conspo_jax.objectives.registry import (
     register_objective,
 )
 from conspo_jax.objectives.sequences import clipped_ratio_scores, sequence_scores
-
-# Imported for their registrations.
-from conspo_jax.objectives import disco as _disco  # noqa: F401  pylint: disable=unused-import
-from conspo_jax.objectives import ratio_family as _ratio_family  # noqa: F401  pylint: disable=unused-import
 
 __all__ = [
     "Objective",

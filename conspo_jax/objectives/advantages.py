@@ -92,9 +92,7 @@ def group_advantages(
     n_G = group_count(valid_R, group_ids, num_groups, dtype)
     mean_G = safe_div(group_sum(jnp.where(valid_R, rewards, 0.0), group_ids, num_groups), n_G)
     centred_R = jnp.where(valid_R, rewards - mean_G[group_ids], 0.0)
-    spread_G = group_max(rewards, valid_R, group_ids, num_groups) > group_min(
-        rewards, valid_R, group_ids, num_groups
-    )
+    spread_G = group_max(rewards, valid_R, group_ids, num_groups) > group_min(rewards, valid_R, group_ids, num_groups)
     dev_G = group_max(jnp.abs(centred_R), valid_R, group_ids, num_groups)
     active_G = spread_G & (dev_G > jnp.sqrt(jnp.finfo(dtype).tiny))
     if normalize_std:

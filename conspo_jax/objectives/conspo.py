@@ -81,9 +81,7 @@ def infonce(
         return mean_over_groups(safe_div(summed, split.n_pos_G), split.valid_G)[0]
 
     neg_counted_R = split.is_neg_R & split.valid_G[group_ids_R]
-    mean_neg_G = safe_div(
-        group_sum(jnp.where(neg_counted_R, s_R, 0.0), group_ids_R, num_groups), split.n_neg_G
-    )
+    mean_neg_G = safe_div(group_sum(jnp.where(neg_counted_R, s_R, 0.0), group_ids_R, num_groups), split.n_neg_G)
     n_nonempty = jnp.sum(split.nonempty_G.astype(s_R.dtype))
     aux = {
         "normalizer": n_valid,
@@ -120,8 +118,12 @@ def conspo_objective(
     """
     check_positive("conspo_objective", tau=tau)
     split = split_groups(
-        rewards, group_ids, num_groups, rollout_mask_R=rollout_mask,
-        reward_threshold=reward_threshold, dtype=scores.dtype,
+        rewards,
+        group_ids,
+        num_groups,
+        rollout_mask_R=rollout_mask,
+        reward_threshold=reward_threshold,
+        dtype=scores.dtype,
     )
     value, _ = infonce(scores, split, group_ids, num_groups, tau=tau, margin=margin)
     return value
@@ -157,8 +159,12 @@ def linear_discriminative(
 
 def _split(inputs: ObjectiveInputs, num_groups: int, reward_threshold: float) -> GroupSplit:
     return split_groups(
-        inputs.rewards, inputs.group_ids, num_groups, rollout_mask_R=inputs.rollout_mask,
-        reward_threshold=reward_threshold, dtype=inputs.token_logp.dtype,
+        inputs.rewards,
+        inputs.group_ids,
+        num_groups,
+        rollout_mask_R=inputs.rollout_mask,
+        reward_threshold=reward_threshold,
+        dtype=inputs.token_logp.dtype,
     )
 
 
@@ -255,8 +261,12 @@ def conspo_no_loglik(
     margin = _scheduled_margin("conspo_no_loglik", progress, max_margin, warmup_ratio)
     split = _split(inputs, num_groups, reward_threshold)
     scores = clipped_ratio_scores(
-        inputs.token_logp, inputs.old_logp, _token_mask(inputs, split), split.is_pos_R,
-        eps_low=eps_low, eps_high=eps_high,
+        inputs.token_logp,
+        inputs.old_logp,
+        _token_mask(inputs, split),
+        split.is_pos_R,
+        eps_low=eps_low,
+        eps_high=eps_high,
     )
     return infonce(scores, split, inputs.group_ids, num_groups, tau=tau, margin=margin)
 
@@ -276,4 +286,3 @@ def conspo_no_contrastive(
     split = _split(inputs, num_groups, reward_threshold)
     scores = sequence_scores(inputs.token_logp, _token_mask(inputs, split))
     return linear_discriminative(scores, split, inputs.group_ids, num_groups)
-

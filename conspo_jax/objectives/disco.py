@@ -11,7 +11,6 @@ minus beta * [KL(pi_old || pi_theta) - delta]_+^2, averaged over the batch's non
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from conspo_jax.objectives.advantages import split_groups
@@ -88,8 +87,12 @@ def disco(
 
     gids = inputs.group_ids
     split = split_groups(
-        inputs.rewards, gids, num_groups, rollout_mask_R=inputs.rollout_mask,
-        reward_threshold=reward_threshold, dtype=inputs.token_logp.dtype,
+        inputs.rewards,
+        gids,
+        num_groups,
+        rollout_mask_R=inputs.rollout_mask,
+        reward_threshold=reward_threshold,
+        dtype=inputs.token_logp.dtype,
     )
     real_R = split.is_pos_R | split.is_neg_R
     tok_RxT = as_bool(inputs.mask) & real_R[:, None]

@@ -17,7 +17,6 @@ from conspo_jax.objectives.advantages import group_advantages
 from conspo_jax.objectives.registry import (
     ObjectiveInputs,
     check_nonnegative,
-    check_positive,
     register_objective,
 )
 from conspo_jax.objectives.segments import (
@@ -124,7 +123,11 @@ def grpo_surrogate(
     A_i is Eq. 1 with the population std, and 0 in groups whose rewards are all equal.
     """
     inputs = ObjectiveInputs(
-        token_logp=new_logp, old_logp=old_logp, mask=mask, rewards=rewards, group_ids=group_ids,
+        token_logp=new_logp,
+        old_logp=old_logp,
+        mask=mask,
+        rewards=rewards,
+        group_ids=group_ids,
         rollout_mask=rollout_mask,
     )
     value, _ = _clipped_objective(
@@ -155,7 +158,12 @@ def grpo(
     del progress
     check_nonnegative("grpo", eps_low=eps_low, eps_high=eps_high, beta=beta)
     return _clipped_objective(
-        inputs, num_groups, eps_low=eps_low, eps_high=eps_high, normalize_std=True, aggregation="group",
+        inputs,
+        num_groups,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        normalize_std=True,
+        aggregation="group",
         beta=beta,
     )
 
@@ -186,7 +194,12 @@ def dr_grpo(
     if isinstance(length_normalizer, (int, float)) and length_normalizer == 0:
         length_normalizer = inputs.token_logp.shape[1]
     return _clipped_objective(
-        inputs, num_groups, eps_low=eps_low, eps_high=eps_high, normalize_std=False, aggregation="group",
+        inputs,
+        num_groups,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        normalize_std=False,
+        aggregation="group",
         length_normalizer=length_normalizer,
     )
 
@@ -218,7 +231,12 @@ def dapo(
             inputs.rewards, inputs.group_ids, num_groups, rollout_mask=inputs.rollout_mask
         )
     return _clipped_objective(
-        inputs, num_groups, eps_low=eps_low, eps_high=eps_high, normalize_std=True, aggregation="token",
+        inputs,
+        num_groups,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        normalize_std=True,
+        aggregation="token",
         keep_R=keep_R,
     )
 
@@ -227,9 +245,7 @@ def dapo_dynamic_sampling_filter(rewards, group_ids, num_groups: int, *, rollout
     """DAPO's dynamic sampling (arXiv 2503.14476, Eq. 8 constraint): bool [R], True for real rollouts
     whose group's rewards are not all equal (so 0 < accuracy < 1 for binary rewards)."""
     real_R = rollout_validity(rewards, rollout_mask)
-    spread_G = group_max(rewards, real_R, group_ids, num_groups) > group_min(
-        rewards, real_R, group_ids, num_groups
-    )
+    spread_G = group_max(rewards, real_R, group_ids, num_groups) > group_min(rewards, real_R, group_ids, num_groups)
     return real_R & spread_G[group_ids]
 
 
@@ -240,8 +256,9 @@ def dapo_overlong_penalty(lengths, *, max_len: int, cache_len: int) -> jax.Array
     inside the cache; -1 beyond max_len. DAPO uses max_len=20480, cache_len=4096.
     """
     if not 0 < cache_len <= max_len:
-        raise ValueError(f"dapo_overlong_penalty: need 0 < cache_len <= max_len, got cache_len={cache_len}, "
-                         f"max_len={max_len}")
+        raise ValueError(
+            f"dapo_overlong_penalty: need 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}"
+        )
     lengths = jnp.asarray(lengths).astype(jnp.result_type(float))
     expected = max_len - cache_len
     soft = (expected - lengths) / cache_len

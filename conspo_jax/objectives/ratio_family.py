@@ -156,8 +156,7 @@ def gspo(
     seq_ratio_R = jnp.exp(masked_token_mean(log_ratio_RxT, tok_RxT))
     unclipped_R = seq_ratio_R * adv_R
     clipped_R = jnp.clip(seq_ratio_R, 1.0 - eps_low, 1.0 + eps_high) * adv_R
-    value, n_groups = _group_mean_of_rollouts(jnp.minimum(unclipped_R, clipped_R), real_R,
-                                              inputs.group_ids, num_groups)
+    value, n_groups = _group_mean_of_rollouts(jnp.minimum(unclipped_R, clipped_R), real_R, inputs.group_ids, num_groups)
     n_real = jnp.sum(real_R.astype(adv_R.dtype))
     n_tok = jnp.sum(tok_RxT.astype(adv_R.dtype))
     aux = {

@@ -16,7 +16,8 @@ optional log-probs the objective needs.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -45,9 +46,9 @@ class ObjectiveInputs:
     mask: jax.Array
     rewards: jax.Array
     group_ids: jax.Array
-    old_logp: Optional[jax.Array] = None
-    rollout_mask: Optional[jax.Array] = None
-    ref_logp: Optional[jax.Array] = None
+    old_logp: jax.Array | None = None
+    rollout_mask: jax.Array | None = None
+    ref_logp: jax.Array | None = None
 
 
 def _is_concrete(x: Any) -> bool:
@@ -78,8 +79,7 @@ def validate_inputs(inputs: ObjectiveInputs, num_groups: int, objective: str) ->
         ids = np.asarray(inputs.group_ids)
         if ids.min() < 0 or ids.max() >= num_groups:
             raise ValueError(
-                f"inputs.group_ids must lie in [0, num_groups={num_groups}), got range "
-                f"[{ids.min()}, {ids.max()}]"
+                f"inputs.group_ids must lie in [0, num_groups={num_groups}), got range [{ids.min()}, {ids.max()}]"
             )
 
 
@@ -123,8 +123,7 @@ class Objective:
         unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
             raise TypeError(
-                f"objective {self.name!r} got unknown hyperparameter(s) {unknown}; "
-                f"it accepts {sorted(self.defaults)}"
+                f"objective {self.name!r} got unknown hyperparameter(s) {unknown}; it accepts {sorted(self.defaults)}"
             )
 
     def requires_ref_logp(self, **hparams: Any) -> bool:
@@ -186,9 +185,7 @@ def register_objective(
         missing = [key for key in _RESERVED if key not in params]
         if missing:
             raise TypeError(f"objective {name!r}: function must accept keyword arguments {missing}")
-        obj = Objective(
-            name, f, uses_old_logp=uses_old_logp, uses_ref_logp=uses_ref_logp, requires_ref=requires_ref
-        )
+        obj = Objective(name, f, uses_old_logp=uses_old_logp, uses_ref_logp=uses_ref_logp, requires_ref=requires_ref)
         _REGISTRY[name] = obj
         return obj
 

@@ -51,7 +51,7 @@ def group_min(x_R: jax.Array, mask_R: jax.Array, group_ids_R: jax.Array, num_gro
 
 
 def group_logsumexp(
-        x_R: jax.Array, mask_R: jax.Array, group_ids_R: jax.Array, num_groups: int
+    x_R: jax.Array, mask_R: jax.Array, group_ids_R: jax.Array, num_groups: int
 ) -> tuple[jax.Array, jax.Array]:
     """Masked per-group logsumexp, stable and NaN-free in value and gradient.
 

@@ -8,8 +8,8 @@ Public API:
   extract_boxed(text) -> str | None                       content of the last \\boxed{} / \\fbox{}
 """
 
-from conspo_jax.rewards.extract import MAX_ANSWER_CHARS, extract_boxed, normalize_answer
 from conspo_jax.rewards.api import default_pool, math_reward, math_reward_batch, shutdown_default_pool
+from conspo_jax.rewards.extract import MAX_ANSWER_CHARS, extract_boxed, normalize_answer
 from conspo_jax.rewards.pool import RewardPool, Verdict
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -56,8 +56,14 @@ def math_reward(response: str, ground_truth, *, timeout_s: float = DEFAULT_TIMEO
     return float(default_pool().score([response], [ground_truth], timeout_s=timeout_s)[0])
 
 
-def math_reward_batch(responses: Sequence[str], ground_truths: Sequence, *, num_workers: int | None = None,
-                      timeout_s: float = DEFAULT_TIMEOUT_S, pool: RewardPool | None = None) -> np.ndarray:
+def math_reward_batch(
+    responses: Sequence[str],
+    ground_truths: Sequence,
+    *,
+    num_workers: int | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    pool: RewardPool | None = None,
+) -> np.ndarray:
     """Rewards for a batch as float32 1.0 / 0.0, verified in parallel (``pool`` or the shared pool)."""
     pool = pool if pool is not None else default_pool(num_workers)
     return pool.score(responses, ground_truths, timeout_s=timeout_s)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -72,7 +72,9 @@ class _Worker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-u", "-m", "conspo_jax.rewards._worker", "--mem-mb", str(memory_limit_mb)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
             start_new_session=True,  # the terminal's Ctrl-C goes to the parent, which then closes us
         )
         self.fd = self.proc.stdout.fileno()
@@ -163,9 +165,16 @@ class RewardPool:
     start_timeout_s:  how long to wait for a first worker to come up before raising.
     """
 
-    def __init__(self, num_workers: int | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 memory_limit_mb: int = 2048, start_timeout_s: float = 120.0,
-                 max_answer_chars: int = ex.MAX_ANSWER_CHARS, max_wall_s: float | None = None):
+    def __init__(
+        self,
+        num_workers: int | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        memory_limit_mb: int = 2048,
+        start_timeout_s: float = 120.0,
+        max_answer_chars: int = ex.MAX_ANSWER_CHARS,
+        max_wall_s: float | None = None,
+    ):
         num_workers = default_num_workers() if num_workers is None else num_workers
         if int(num_workers) < 1:
             raise ValueError(f"RewardPool: num_workers must be >= 1, got {num_workers}")
@@ -238,8 +247,9 @@ class RewardPool:
 
     # --- verification ------------------------------------------------------------------------------
 
-    def verify(self, responses: Sequence[str], ground_truths: Sequence, *,
-               timeout_s: float | None = None) -> list[Verdict]:
+    def verify(
+        self, responses: Sequence[str], ground_truths: Sequence, *, timeout_s: float | None = None
+    ) -> list[Verdict]:
         """One ``Verdict`` per response, in order; ``timeout_s`` overrides the pool's per-task limit."""
         if len(responses) != len(ground_truths):
             raise ValueError(f"RewardPool.verify: {len(responses)} responses but {len(ground_truths)} ground truths")
@@ -269,8 +279,7 @@ class RewardPool:
                 self._run(todo, verdicts, extracted, self.timeout_s if timeout_s is None else float(timeout_s))
         return verdicts  # type: ignore[return-value]
 
-    def score(self, responses: Sequence[str], ground_truths: Sequence, *,
-              timeout_s: float | None = None) -> np.ndarray:
+    def score(self, responses: Sequence[str], ground_truths: Sequence, *, timeout_s: float | None = None) -> np.ndarray:
         """Rewards as a float32 array of 1.0 / 0.0."""
         return np.asarray([v.score for v in self.verify(responses, ground_truths, timeout_s=timeout_s)], np.float32)
 
@@ -292,8 +301,7 @@ class RewardPool:
                 if todo and w.ready and w.task is None:
                     i, pred, gold = todo.popleft()
                     try:
-                        w.send(i, pred, gold, timeout_s,
-                               4 * timeout_s if self.max_wall_s is None else self.max_wall_s)
+                        w.send(i, pred, gold, timeout_s, 4 * timeout_s if self.max_wall_s is None else self.max_wall_s)
                         inflight[i] = w
                     except (BrokenPipeError, OSError):  # died between tasks: not this task's fault
                         todo.appendleft((i, pred, gold))
@@ -302,7 +310,8 @@ class RewardPool:
                 if time.monotonic() - waiting_since > self.start_timeout_s:
                     raise RuntimeError(
                         f"RewardPool: no verifier worker came up within {self.start_timeout_s}s "
-                        f"(try `{sys.executable} -m conspo_jax.rewards._worker` to see why)")
+                        f"(try `{sys.executable} -m conspo_jax.rewards._worker` to see why)"
+                    )
             else:
                 waiting_since = time.monotonic()
             busy = [w.deadline for w in inflight.values()]
@@ -349,5 +358,7 @@ class RewardPool:
                 if not w.ready:
                     self._start_failures += 1
                     if self._start_failures >= 3:
-                        raise RuntimeError("RewardPool: verifier workers exit during start-up (see stderr); "
-                                           f"run `{sys.executable} -m conspo_jax.rewards._worker` to reproduce")
+                        raise RuntimeError(
+                            "RewardPool: verifier workers exit during start-up (see stderr); "
+                            f"run `{sys.executable} -m conspo_jax.rewards._worker` to reproduce"
+                        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class Rollouts:
     group_ids_R: np.ndarray
     weight_version: int = 0
     pad_id: int = 0
-    rewards_R: "np.ndarray | None" = None
+    rewards_R: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -89,7 +89,7 @@ class RolloutEngine(abc.ABC):
         """Loads the weights of ``policy`` (a conspo_jax.models policy), tagged ``version``."""
         raise NotImplementedError(f"{type(self).__name__} does not take in-process weights")
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Releases engine resources; engines holding none need not override."""
 
 

@@ -22,8 +22,21 @@ from conspo_jax.rollout.sampling import sample_tokens
 _MAX_STOP_IDS = 8
 
 
-def _decode(graphdef, state, prompt_RxP, prompt_mask_RxP, key, temperature, top_p, top_k, stop_ids, *,
-            max_new, pad_id, cache_dtype):
+def _decode(
+    graphdef,
+    state,
+    prompt_RxP,
+    prompt_mask_RxP,
+    key,
+    temperature,
+    top_p,
+    top_k,
+    stop_ids,
+    *,
+    max_new,
+    pad_id,
+    cache_dtype,
+):
     from conspo_jax.models import forward_cached, init_kv_cache, policy_logits
 
     policy = nnx.merge(graphdef, state)
@@ -57,9 +70,17 @@ def _decode(graphdef, state, prompt_RxP, prompt_mask_RxP, key, temperature, top_
         return i + 1, cache, logits_RxV, key, ids_RxN, logp_RxN, lens_R, kv_mask_RxS, pos_R + 1, done_R, stopped_R
 
     carry = (
-        jnp.int32(0), cache, logits_RxV, key,
-        jnp.full((rows, max_new), pad_id, jnp.int32), jnp.zeros((rows, max_new), jnp.float32),
-        jnp.zeros((rows,), jnp.int32), kv_mask_RxS, next_pos_R, jnp.zeros((rows,), bool), jnp.zeros((rows,), bool),
+        jnp.int32(0),
+        cache,
+        logits_RxV,
+        key,
+        jnp.full((rows, max_new), pad_id, jnp.int32),
+        jnp.zeros((rows, max_new), jnp.float32),
+        jnp.zeros((rows,), jnp.int32),
+        kv_mask_RxS,
+        next_pos_R,
+        jnp.zeros((rows,), bool),
+        jnp.zeros((rows,), bool),
     )
     out = jax.lax.while_loop(cond, body, carry)
     ids_RxN, logp_RxN, lens_R, stopped_R = out[4], out[5], out[6], out[10]
@@ -73,8 +94,17 @@ class JaxEngine(RolloutEngine):
     prompt_bucket: prompts are left-padded to a multiple of this, to bound recompilation.
     """
 
-    def __init__(self, policy, *, eos_token_ids, pad_id: int = 0, mesh=None, prompt_bucket: int = 32,
-                 cache_dtype=jnp.bfloat16, version: int = 0):
+    def __init__(
+        self,
+        policy,
+        *,
+        eos_token_ids,
+        pad_id: int = 0,
+        mesh=None,
+        prompt_bucket: int = 32,
+        cache_dtype=jnp.bfloat16,
+        version: int = 0,
+    ):
         self.graphdef, self.state = nnx.split(policy)
         self.eos_token_ids = tuple(int(t) for t in np.atleast_1d(eos_token_ids))
         self.pad_id, self.mesh, self.bucket = pad_id, mesh, prompt_bucket
@@ -93,8 +123,11 @@ class JaxEngine(RolloutEngine):
 
     def _fn(self, max_new):
         if max_new not in self._compiled:
-            self._compiled[max_new] = jax.jit(functools.partial(
-                _decode, self.graphdef, max_new=max_new, pad_id=self.pad_id, cache_dtype=self.cache_dtype))
+            self._compiled[max_new] = jax.jit(
+                functools.partial(
+                    _decode, self.graphdef, max_new=max_new, pad_id=self.pad_id, cache_dtype=self.cache_dtype
+                )
+            )
         return self._compiled[max_new]
 
     def _place(self, x):
@@ -119,11 +152,18 @@ class JaxEngine(RolloutEngine):
         prompt_RxP = np.full((rows, plen), self.pad_id, np.int32)
         mask_RxP = np.zeros((rows, plen), np.int32)
         for p, toks in enumerate(prompts):
-            prompt_RxP[p * params.n:(p + 1) * params.n, plen - len(toks):] = toks
-            mask_RxP[p * params.n:(p + 1) * params.n, plen - len(toks):] = 1
+            prompt_RxP[p * params.n : (p + 1) * params.n, plen - len(toks) :] = toks
+            mask_RxP[p * params.n : (p + 1) * params.n, plen - len(toks) :] = 1
         ids, logp, lens, stopped = self._fn(params.max_new_tokens)(
-            self.state, self._place(prompt_RxP), self._place(mask_RxP), jax.random.key(params.seed),
-            jnp.float32(params.temperature), jnp.float32(params.top_p), jnp.int32(params.top_k), jnp.asarray(stop_ids))
+            self.state,
+            self._place(prompt_RxP),
+            self._place(mask_RxP),
+            jax.random.key(params.seed),
+            jnp.float32(params.temperature),
+            jnp.float32(params.top_p),
+            jnp.int32(params.top_k),
+            jnp.asarray(stop_ids),
+        )
         ids, logp, lens, stopped = jax.device_get((ids, logp, lens, stopped))
         return Rollouts(
             completion_ids_RxT=np.asarray(ids, np.int32),

@@ -13,10 +13,15 @@ Public API (imported lazily, so verifier worker processes stay light):
 import importlib
 
 _EXPORTS = {
-    "SidecarClient": "client", "SidecarError": "client",
-    "serve": "server", "serve_from_cli": "server", "SidecarOptions": "server",
+    "SidecarClient": "client",
+    "SidecarError": "client",
+    "serve": "server",
+    "serve_from_cli": "server",
+    "SidecarOptions": "server",
     "WeightStore": "weights",
-    "tis_weights": "correction", "logprob_mismatch": "correction", "mismatch_metrics": "correction",
+    "tis_weights": "correction",
+    "logprob_mismatch": "correction",
+    "mismatch_metrics": "correction",
     "SGLangEngine": "sglang_engine",
 }
 

@@ -34,8 +34,12 @@ def main(argv=None) -> int:
 
         config = load_config_module(args.config)
     opts = options_from_config(config, port=args.port, host=args.host)
-    for field, value in (("weights_dir", args.weights_dir), ("workers", args.workers),
-                         ("chunk_prompts", args.chunk_prompts), ("version_wait_s", args.version_wait_s)):
+    for field, value in (
+        ("weights_dir", args.weights_dir),
+        ("workers", args.workers),
+        ("chunk_prompts", args.chunk_prompts),
+        ("version_wait_s", args.version_wait_s),
+    ):
         if value is not None:
             setattr(opts, field, value)
     if args.max_message_mb is not None:

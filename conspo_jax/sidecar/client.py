@@ -19,7 +19,7 @@ import logging
 import os
 import random
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -33,8 +33,9 @@ from conspo_jax.sidecar.weights import WeightStore
 log = logging.getLogger(__name__)
 
 # Codes that mean "the connection or the server went away", not "your request is wrong".
-RETRIABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL,
-                       grpc.StatusCode.CANCELLED})
+RETRIABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}
+)
 
 
 class SidecarError(RuntimeError):
@@ -59,11 +60,22 @@ class SidecarClient(RolloutEngine):
     on_group:    optional ``fn(prompt_id, group)`` called as each new group is consumed.
     """
 
-    def __init__(self, target: str, *, token: str | None = None, verifier: str = "",
-                 weights: WeightStore | str | None = None, staleness: int = 0, deadline_s: float = 3600.0,
-                 max_retries: int = 8, backoff_s: float = 0.25, backoff_max_s: float = 8.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, pad_id: int = 0,
-                 on_group: Callable[[str, pb.Group], None] | None = None):
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        verifier: str = "",
+        weights: WeightStore | str | None = None,
+        staleness: int = 0,
+        deadline_s: float = 3600.0,
+        max_retries: int = 8,
+        backoff_s: float = 0.25,
+        backoff_max_s: float = 8.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        pad_id: int = 0,
+        on_group: Callable[[str, pb.Group], None] | None = None,
+    ):
         if staleness < 0:
             raise ValueError(f"staleness must be >= 0, got {staleness}")
         if max_retries < 0:
@@ -74,14 +86,17 @@ class SidecarClient(RolloutEngine):
         self.pad_id, self.on_group = pad_id, on_group
         self.weights = WeightStore(weights) if isinstance(weights, str) else weights
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(target, options=[
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            # Reconnect quickly after a sidecar restart instead of gRPC's default 1 s .. 120 s backoff.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", int(backoff_max_s * 1000)),
-        ])
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                # Reconnect quickly after a sidecar restart instead of gRPC's default 1 s .. 120 s backoff.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", int(backoff_max_s * 1000)),
+            ],
+        )
         self._stub = pb_grpc.RolloutServiceStub(self._channel)
         self.version = 0  # last weight version the sidecar acknowledged
         self._last_push: tuple[str, int] | None = None
@@ -90,7 +105,7 @@ class SidecarClient(RolloutEngine):
         self.requested: list[list[str]] = []  # prompt ids asked for by each attempt of the last generate
 
     @classmethod
-    def from_config(cls, config, *, tokenizer=None, policy=None, version: int = 0) -> "SidecarClient":
+    def from_config(cls, config, *, tokenizer=None, policy=None, version: int = 0) -> SidecarClient:
         """A client for ``config.rollout.sidecar``; waits (up to ``deadline_s``) for the sidecar to answer.
 
         With ``policy``, its weights are exported and pushed as ``version`` before returning, so the
@@ -100,11 +115,14 @@ class SidecarClient(RolloutEngine):
         sc = config.rollout.sidecar
         get = sc.get if hasattr(sc, "get") else (lambda k, d=None: getattr(sc, k, d))
         client = cls(
-            get("address", "127.0.0.1:50051"), token=get("token", "") or os.environ.get(TOKEN_ENV) or None,
+            get("address", "127.0.0.1:50051"),
+            token=get("token", "") or os.environ.get(TOKEN_ENV) or None,
             verifier=get("verifier", "") or str(getattr(config, "task", "")),
-            weights=WeightStore(get("weights_dir", "") or None), staleness=int(get("max_staleness", 0)),
+            weights=WeightStore(get("weights_dir", "") or None),
+            staleness=int(get("max_staleness", 0)),
             deadline_s=float(get("deadline_s", 600.0)),
-            pad_id=int(tokenizer.pad_token_id) if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+            pad_id=int(tokenizer.pad_token_id) if tokenizer is not None and tokenizer.pad_token_id is not None else 0,
+        )
         client.tokenizer = tokenizer
         client.wait_ready(timeout=client.deadline_s)
         if policy is not None:
@@ -130,7 +148,9 @@ class SidecarClient(RolloutEngine):
         try:
             return self._stub.Health(pb.HealthRequest(), timeout=timeout, metadata=self._metadata, wait_for_ready=True)
         except grpc.RpcError as e:
-            raise SidecarError(f"sidecar at {self.target} not ready after {timeout}s: {e.details()}", e.code()) from None
+            raise SidecarError(
+                f"sidecar at {self.target} not ready after {timeout}s: {e.details()}", e.code()
+            ) from None
 
     # ---- weights ----
     def push_weights(self, path: str, version: int) -> float:
@@ -138,15 +158,19 @@ class SidecarClient(RolloutEngine):
         deadline = time.monotonic() + self.deadline_s
         for attempt in range(self.max_retries + 1):
             try:
-                reply = self._stub.PushWeights(pb.PushWeightsRequest(version=version, path=path),
-                                               timeout=self._remaining(deadline, "PushWeights"),
-                                               metadata=self._metadata, wait_for_ready=True)
+                reply = self._stub.PushWeights(
+                    pb.PushWeightsRequest(version=version, path=path),
+                    timeout=self._remaining(deadline, "PushWeights"),
+                    metadata=self._metadata,
+                    wait_for_ready=True,
+                )
                 break
             except grpc.RpcError as e:
                 # Loading is idempotent, so a lost connection is retried; a refusal is not.
                 if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_retries:
-                    raise SidecarError(f"PushWeights(version={version}, path={path!r}): {e.code().name}: {e.details()}",
-                                       e.code()) from None
+                    raise SidecarError(
+                        f"PushWeights(version={version}, path={path!r}): {e.code().name}: {e.details()}", e.code()
+                    ) from None
                 self.stats["retries"] += 1
                 self._sleep_backoff(attempt + 1, deadline)
         self.version, self._last_push = version, (path, version)
@@ -161,9 +185,15 @@ class SidecarClient(RolloutEngine):
         self.weights.cleanup(keep_from=version)
 
     # ---- rollouts ----
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
-                 answers: Sequence[str] | None = None, prompt_ids: Sequence[str] | None = None,
-                 min_weight_version: int | None = None) -> Rollouts:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        answers: Sequence[str] | None = None,
+        prompt_ids: Sequence[str] | None = None,
+        min_weight_version: int | None = None,
+    ) -> Rollouts:
         """Samples ``params.n`` completions per prompt on the sidecar; rows are prompt-major.
 
         answers: per-prompt ground truth; with a client verifier the sidecar scores every sample and
@@ -192,18 +222,29 @@ class SidecarClient(RolloutEngine):
         while len(got) < len(ids):
             missing = [pid for pid in ids if pid not in got]
             self.requested.append(missing)
-            request = pb.StreamRolloutsRequest(prompts=[by_id[pid] for pid in missing], n=params.n,
-                                               sampling=codec.params_to_proto(params),
-                                               min_weight_version=min_version, verifier=verifier)
+            request = pb.StreamRolloutsRequest(
+                prompts=[by_id[pid] for pid in missing],
+                n=params.n,
+                sampling=codec.params_to_proto(params),
+                min_weight_version=min_version,
+                verifier=verifier,
+            )
             stream = None
             try:
-                stream = self._stub.StreamRollouts(request, timeout=self._remaining(deadline, "StreamRollouts"),
-                                                   metadata=self._metadata, wait_for_ready=True)
+                stream = self._stub.StreamRollouts(
+                    request,
+                    timeout=self._remaining(deadline, "StreamRollouts"),
+                    metadata=self._metadata,
+                    wait_for_ready=True,
+                )
                 for group in stream:
                     self._consume(group, got, by_id, params.n, min_version, bool(verifier))
                 if len(got) == len(ids):
                     break
-                last_code, last_error = grpc.StatusCode.ABORTED, f"stream ended with {len(ids) - len(got)} prompts unanswered"
+                last_code, last_error = (
+                    grpc.StatusCode.ABORTED,
+                    f"stream ended with {len(ids) - len(got)} prompts unanswered",
+                )
             except grpc.RpcError as e:
                 last_code, last_error = e.code(), f"{e.code().name}: {e.details()}"
                 if last_code == grpc.StatusCode.FAILED_PRECONDITION and self._repush_if_behind(min_version, attempt):
@@ -215,8 +256,11 @@ class SidecarClient(RolloutEngine):
                     stream.cancel()  # no-op on a finished call; frees the server on an abandoned one
             attempt += 1
             if attempt > self.max_retries:
-                raise SidecarError(f"StreamRollouts: gave up after {attempt} attempts with {len(ids) - len(got)} of "
-                                   f"{len(ids)} prompts missing; last error: {last_error}", last_code)
+                raise SidecarError(
+                    f"StreamRollouts: gave up after {attempt} attempts with {len(ids) - len(got)} of "
+                    f"{len(ids)} prompts missing; last error: {last_error}",
+                    last_code,
+                )
             self.stats["retries"] += 1
             log.info("sidecar stream broke (%s); re-requesting %d missing prompts", last_error, len(ids) - len(got))
             self._sleep_backoff(attempt, deadline)
@@ -233,8 +277,10 @@ class SidecarClient(RolloutEngine):
         if len(group.samples) != n:
             raise SidecarError(f"prompt_id={pid!r}: got {len(group.samples)} samples, asked for n={n}")
         if group.weight_version < min_version:
-            raise SidecarError(f"prompt_id={pid!r}: weight_version={group.weight_version} is older than "
-                               f"min_weight_version={min_version}")
+            raise SidecarError(
+                f"prompt_id={pid!r}: weight_version={group.weight_version} is older than "
+                f"min_weight_version={min_version}"
+            )
         if verified and not all(s.HasField("reward") for s in group.samples):
             raise SidecarError(f"prompt_id={pid!r}: sidecar returned samples without rewards")
         got[pid] = group

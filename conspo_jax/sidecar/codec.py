@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -15,8 +15,13 @@ _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     return pb.SamplingParams(
-        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-        max_new_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids), seed=params.seed)
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        max_new_tokens=params.max_new_tokens,
+        stop_token_ids=list(params.stop_token_ids),
+        seed=params.seed,
+    )
 
 
 def params_from_proto(msg: pb.SamplingParams, n: int) -> SamplingParams:
@@ -24,9 +29,14 @@ def params_from_proto(msg: pb.SamplingParams, n: int) -> SamplingParams:
     # float32 on the wire: round top_p=1.0000001 style artefacts back into range before validating.
     top_p = 1.0 if abs(msg.top_p - 1.0) < 1e-6 else float(msg.top_p)
     return SamplingParams(
-        n=int(n), temperature=float(msg.temperature), top_p=top_p, top_k=int(msg.top_k),
-        max_new_tokens=int(msg.max_new_tokens), stop_token_ids=tuple(int(t) for t in msg.stop_token_ids),
-        seed=int(msg.seed))
+        n=int(n),
+        temperature=float(msg.temperature),
+        top_p=top_p,
+        top_k=int(msg.top_k),
+        max_new_tokens=int(msg.max_new_tokens),
+        stop_token_ids=tuple(int(t) for t in msg.stop_token_ids),
+        seed=int(msg.seed),
+    )
 
 
 def groups_from_rollouts(rollouts: Rollouts, prompt_ids: Sequence[str], n: int) -> list[pb.Group]:
@@ -38,10 +48,13 @@ def groups_from_rollouts(rollouts: Rollouts, prompt_ids: Sequence[str], n: int) 
         samples = []
         for r in range(p * n, (p + 1) * n):
             length = int(rollouts.completion_lens_R[r])
-            samples.append(pb.Sample(
-                completion_ids=rollouts.completion_ids_RxT[r, :length].tolist(),
-                token_logprobs=rollouts.logprobs_RxT[r, :length].tolist(),
-                finish_reason=_FINISH_TO_PB[rollouts.finish_reasons[r]]))
+            samples.append(
+                pb.Sample(
+                    completion_ids=rollouts.completion_ids_RxT[r, :length].tolist(),
+                    token_logprobs=rollouts.logprobs_RxT[r, :length].tolist(),
+                    finish_reason=_FINISH_TO_PB[rollouts.finish_reasons[r]],
+                )
+            )
         groups.append(pb.Group(prompt_id=pid, samples=samples, weight_version=int(rollouts.weight_version)))
     return groups
 
@@ -72,7 +85,12 @@ def rollouts_from_groups(groups: Sequence[pb.Group], n: int, *, pad_id: int = 0)
     except KeyError as e:
         raise ValueError(f"sample has finish_reason={e.args[0]}, expected STOP or LENGTH") from None
     return Rollouts(
-        completion_ids_RxT=ids, completion_lens_R=lens, logprobs_RxT=logp, finish_reasons=reasons,
+        completion_ids_RxT=ids,
+        completion_lens_R=lens,
+        logprobs_RxT=logp,
+        finish_reasons=reasons,
         group_ids_R=np.repeat(np.arange(len(groups), dtype=np.int32), n),
-        weight_version=min((int(g.weight_version) for g in groups), default=0), pad_id=pad_id,
-        rewards_R=rewards)
+        weight_version=min((int(g.weight_version) for g in groups), default=0),
+        pad_id=pad_id,
+        rewards_R=rewards,
+    )

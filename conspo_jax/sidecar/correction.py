@@ -38,8 +38,10 @@ def mismatch_metrics(trainer_logp, engine_logp, mask, cap: float | None = None) 
     """The per-step log line: mean and max |Δ logp|, and with ``cap`` the TIS clip fraction and mean weight."""
     m = jnp.asarray(mask, bool)
     diff = jnp.abs(jnp.asarray(trainer_logp, jnp.float32) - jnp.asarray(engine_logp, jnp.float32))
-    out = {"rollout/logp_mismatch_mean": logprob_mismatch(trainer_logp, engine_logp, m),
-           "rollout/logp_mismatch_max": jnp.max(jnp.where(m, diff, 0.0))}
+    out = {
+        "rollout/logp_mismatch_mean": logprob_mismatch(trainer_logp, engine_logp, m),
+        "rollout/logp_mismatch_max": jnp.max(jnp.where(m, diff, 0.0)),
+    }
     if cap is not None:
         w = tis_weights(trainer_logp, engine_logp, m, cap)
         n = jnp.maximum(jnp.sum(m), 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from conspo_jax.rollout.engine import MockEngine, RolloutEngine
 
@@ -110,9 +110,14 @@ def _build_jax(config, *, cache_dtype=None, **_):
     mesh = setup.build_mesh(config)
     policy = setup.build_policy(config, tokenizer, mesh, seed=config.seed)
     stop_ids = setup.stop_token_ids(tokenizer, policy.config)
-    engine = JaxEngine(policy, eos_token_ids=stop_ids, pad_id=tokenizer.pad_token_id, mesh=mesh,
-                       prompt_bucket=config.rollout.prompt_bucket,
-                       cache_dtype=cache_dtype or setup.DTYPES[config.model.dtype])
+    engine = JaxEngine(
+        policy,
+        eos_token_ids=stop_ids,
+        pad_id=tokenizer.pad_token_id,
+        mesh=mesh,
+        prompt_bucket=config.rollout.prompt_bucket,
+        cache_dtype=cache_dtype or setup.DTYPES[config.model.dtype],
+    )
     load_opts = dict(dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.dtype(config.model.param_dtype), mesh=mesh)
 
     def load(path, version):

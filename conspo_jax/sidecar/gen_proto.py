@@ -27,7 +27,8 @@ MIN_GRPC_VERSION = "1.66.0"  # keep equal to setup.cfg's grpcio floor
 
 _PB2_GATE = re.compile(
     r"from google\.protobuf import runtime_version as _runtime_version\n"
-    r"|_runtime_version\.ValidateProtobufRuntimeVersion\(\n(?:.*\n)*?\)\n")
+    r"|_runtime_version\.ValidateProtobufRuntimeVersion\(\n(?:.*\n)*?\)\n"
+)
 _GRPC_GATE = re.compile(r"GRPC_GENERATED_VERSION = '[^']*'")
 _SERIALIZED = re.compile(r"AddSerializedFile\((b'.*?')\)", re.S)
 _TOOL_VERSION = re.compile(r"# Protobuf Python Version: (\S+)")
@@ -47,14 +48,22 @@ def _relax_version_gates(name: str, text: str) -> str:
 
 def generate(out_dir: str = PACKAGE_DIR) -> list[str]:
     """Compiles rollout.proto and writes the three stub files into ``out_dir``; returns their paths."""
-    from grpc_tools import protoc  # only the generator needs grpcio-tools
-
     import grpc_tools
+    from grpc_tools import protoc  # only the generator needs grpcio-tools
 
     well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     with tempfile.TemporaryDirectory() as tmp:
-        rc = protoc.main(["grpc_tools.protoc", f"-I{REPO_ROOT}", f"-I{well_known}", f"--python_out={tmp}",
-                          f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", PROTO_REL])
+        rc = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{REPO_ROOT}",
+                f"-I{well_known}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                PROTO_REL,
+            ]
+        )
         if rc != 0:
             raise RuntimeError(f"gen_proto: protoc failed with exit code {rc} on {PROTO_REL}")
         os.makedirs(out_dir, exist_ok=True)

@@ -60,7 +60,7 @@ class SidecarOptions:
 def _metadata_token(metadata) -> str:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer "):]
+            return value[len("Bearer ") :]
     return ""
 
 
@@ -80,9 +80,12 @@ class _TokenAuth(grpc.ServerInterceptor):
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong sidecar token (authorization: Bearer ...)")
 
-        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
-        return make(deny, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        make = (
+            grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+        )
+        return make(
+            deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
 class _Inline:
@@ -124,8 +127,12 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
         if self.opts.workers <= 0:
             verifiers.init_worker(self.handle.tokenizer)
             return _Inline()
-        pool = cf.ProcessPoolExecutor(self.opts.workers, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=verifiers.init_worker, initargs=(self.handle.tokenizer,))
+        pool = cf.ProcessPoolExecutor(
+            self.opts.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=verifiers.init_worker,
+            initargs=(self.handle.tokenizer,),
+        )
         for _ in range(self.opts.workers):  # start workers now, not on the first request
             pool.submit(int)
         return pool
@@ -145,7 +152,10 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
         if not req.prompts:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "StreamRolloutsRequest.prompts is empty")
         if not 1 <= req.n <= self.opts.max_n:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"StreamRolloutsRequest.n must be in [1, {self.opts.max_n}], got {req.n}")
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"StreamRolloutsRequest.n must be in [1, {self.opts.max_n}], got {req.n}",
+            )
         seen = set()
         for i, p in enumerate(req.prompts):
             if not p.prompt_id:
@@ -154,10 +164,14 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompts[{i}].prompt_id={p.prompt_id!r} is duplicated")
             seen.add(p.prompt_id)
             if not p.token_ids:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompts[{i}] (prompt_id={p.prompt_id!r}): token_ids is empty")
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"prompts[{i}] (prompt_id={p.prompt_id!r}): token_ids is empty"
+                )
             if min(p.token_ids) < 0:
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"prompts[{i}] (prompt_id={p.prompt_id!r}): negative token id {min(p.token_ids)}")
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"prompts[{i}] (prompt_id={p.prompt_id!r}): negative token id {min(p.token_ids)}",
+                )
         try:
             params = codec.params_from_proto(req.sampling, req.n)
         except ValueError as e:
@@ -181,9 +195,11 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
         timeout = self.opts.version_wait_s if remaining is None else min(self.opts.version_wait_s, max(0.0, remaining))
         with self._version_cond:
             if not self._version_cond.wait_for(lambda: self._version >= min_version, timeout=timeout):
-                raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"sidecar holds weight version {self._version} < min_weight_version={min_version}; "
-                             "push the weights first")
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"sidecar holds weight version {self._version} < min_weight_version={min_version}; "
+                    "push the weights first",
+                )
 
     # ---- RPCs ----
     def StreamRollouts(self, request, context):
@@ -203,12 +219,14 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
         for c, start in enumerate(range(0, len(req.prompts), chunk)):
             if not context.is_active():
                 return
-            prompts = req.prompts[start:start + chunk]
+            prompts = req.prompts[start : start + chunk]
             chunk_params = params if c == 0 else dataclasses.replace(params, seed=sample_seed(params.seed, -1 - c))
             with self._engine_lock:
                 if self._version < req.min_weight_version:  # an older version was pushed meanwhile
-                    raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"sidecar weight version {self._version} < min_weight_version={req.min_weight_version}")
+                    raise _Abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"sidecar weight version {self._version} < min_weight_version={req.min_weight_version}",
+                    )
                 try:
                     rollouts = self.handle.engine.generate([list(p.token_ids) for p in prompts], chunk_params)
                 except ValueError as e:
@@ -221,11 +239,17 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
                 else:
                     pool = self._pool
                     try:
-                        fut = pool.submit(verifiers.score_group, target, prompt.answer,
-                                          [list(s.completion_ids) for s in group.samples])
+                        fut = pool.submit(
+                            verifiers.score_group,
+                            target,
+                            prompt.answer,
+                            [list(s.completion_ids) for s in group.samples],
+                        )
                     except BrokenProcessPool:
                         self._replace_broken_pool(pool)
-                        raise _Abort(grpc.StatusCode.UNAVAILABLE, "a verifier worker died; retry the missing prompts") from None
+                        raise _Abort(
+                            grpc.StatusCode.UNAVAILABLE, "a verifier worker died; retry the missing prompts"
+                        ) from None
                 pending[fut] = group
             yield from self._drain(pending, context, block=False)
         yield from self._drain(pending, context, block=True)
@@ -240,7 +264,9 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
                     rewards = fut.result()
                 except BrokenProcessPool:
                     self._replace_broken_pool(self._pool)
-                    raise _Abort(grpc.StatusCode.UNAVAILABLE, "a verifier worker died; retry the missing prompts") from None
+                    raise _Abort(
+                        grpc.StatusCode.UNAVAILABLE, "a verifier worker died; retry the missing prompts"
+                    ) from None
                 except ImportError as e:
                     raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
                 if rewards is not None:
@@ -253,13 +279,17 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
             if not context.is_active():
                 return
             if time.monotonic() > deadline:
-                raise _Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                             f"verification took longer than {self.opts.verify_timeout_s}s for "
-                             f"{len(pending)} groups, e.g. prompt_id={next(iter(pending.values())).prompt_id!r}")
+                raise _Abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"verification took longer than {self.opts.verify_timeout_s}s for "
+                    f"{len(pending)} groups, e.g. prompt_id={next(iter(pending.values())).prompt_id!r}",
+                )
 
     def PushWeights(self, request, context):
         if request.version < 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"PushWeightsRequest.version must be >= 0, got {request.version}")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"PushWeightsRequest.version must be >= 0, got {request.version}"
+            )
         try:
             path = resolve_inside(self.weights_dir, request.path)
         except ValueError as e:
@@ -272,8 +302,10 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
                 self.handle.load_weights(path, int(request.version))
             except Exception as e:  # noqa: BLE001 - the old weights stay in use; say why the new ones did not load
                 log.exception("loading weights from %s failed", path)
-                context.abort(grpc.StatusCode.INTERNAL, f"loading weights version {request.version} from {path!r} failed: "
-                                                        f"{type(e).__name__}: {e}")
+                context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"loading weights version {request.version} from {path!r} failed: {type(e).__name__}: {e}",
+                )
             with self._version_cond:
                 self._version = int(request.version)
                 self._version_cond.notify_all()
@@ -282,8 +314,13 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
         return pb.PushWeightsReply(version=request.version, load_seconds=dt)
 
     def Health(self, request, context):
-        return pb.HealthReply(status="SERVING", weight_version=self._version, engine=self.handle.name,
-                              verifiers=verifiers.names(), groups_served=self.groups_served)
+        return pb.HealthReply(
+            status="SERVING",
+            weight_version=self._version,
+            engine=self.handle.name,
+            verifiers=verifiers.names(),
+            groups_served=self.groups_served,
+        )
 
 
 @dataclasses.dataclass
@@ -307,8 +344,15 @@ class SidecarServer:
         return self.server.wait_for_termination(timeout)
 
 
-def serve(config=None, *, engine_name: str = "jax", port: int = 0, handle: EngineHandle | None = None,
-          options: SidecarOptions | None = None, **engine_overrides) -> SidecarServer:
+def serve(
+    config=None,
+    *,
+    engine_name: str = "jax",
+    port: int = 0,
+    handle: EngineHandle | None = None,
+    options: SidecarOptions | None = None,
+    **engine_overrides,
+) -> SidecarServer:
     """Starts a sidecar (non-blocking) and returns it.
 
     config:      the experiment ConfigDict (engines read ``model.*`` and ``rollout.sidecar.*``), or None.
@@ -327,10 +371,13 @@ def serve(config=None, *, engine_name: str = "jax", port: int = 0, handle: Engin
     server = grpc.server(
         cf.ThreadPoolExecutor(max_workers=opts.rpc_threads, thread_name_prefix="sidecar-rpc"),
         interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", opts.max_message_bytes),
-                 ("grpc.max_send_message_length", opts.max_message_bytes),
-                 ("grpc.so_reuseport", 0)],  # a second sidecar on the same port must fail, not share it
-        maximum_concurrent_rpcs=4 * opts.rpc_threads)
+        options=[
+            ("grpc.max_receive_message_length", opts.max_message_bytes),
+            ("grpc.max_send_message_length", opts.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],  # a second sidecar on the same port must fail, not share it
+        maximum_concurrent_rpcs=4 * opts.rpc_threads,
+    )
     pb_grpc.add_RolloutServiceServicer_to_server(servicer, server)
     try:
         bound = server.add_insecure_port(f"{opts.host}:{opts.port}")
@@ -341,7 +388,9 @@ def serve(config=None, *, engine_name: str = "jax", port: int = 0, handle: Engin
         servicer.close()
         raise OSError(f"sidecar could not bind {opts.host}:{opts.port}")
     server.start()
-    log.info("sidecar (%s engine) serving on %s:%d, weights dir %s", handle.name, opts.host, bound, servicer.weights_dir)
+    log.info(
+        "sidecar (%s engine) serving on %s:%d, weights dir %s", handle.name, opts.host, bound, servicer.weights_dir
+    )
     return SidecarServer(server, servicer, bound, opts.host)
 
 
@@ -369,10 +418,13 @@ def options_from_config(config, *, port=None, host=None) -> SidecarOptions:
     return SidecarOptions(
         host=host or get("host", None) or addr_host or defaults.host,
         port=int(port if port is not None else get("port", None) or addr_port or 0),
-        token=token, weights_dir=get("weights_dir", None) or None, workers=int(get("workers", defaults.workers)),
+        token=token,
+        weights_dir=get("weights_dir", None) or None,
+        workers=int(get("workers", defaults.workers)),
         chunk_prompts=int(get("chunk_prompts", 0)),
         max_message_bytes=int(get("max_message_mb", defaults.max_message_bytes >> 20)) << 20,
-        version_wait_s=float(get("version_wait_s", defaults.version_wait_s)))
+        version_wait_s=float(get("version_wait_s", defaults.version_wait_s)),
+    )
 
 
 def serve_from_cli(config, *, engine_name: str = "jax", port: int | None = None, host: str | None = None) -> None:

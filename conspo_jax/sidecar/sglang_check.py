@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-_CONFIG_TEMPLATE = '''
+_CONFIG_TEMPLATE = """
 from conspo_jax.train.config_base import base_config
 
 
@@ -41,7 +41,7 @@ def get_config(arg=None):
     c.rollout.prompt_bucket = 16
     c.rollout.sidecar.sglang = {sglang_kwargs!r}
     return c
-'''
+"""
 
 
 def _tiny_checkpoints(workdir: str):
@@ -54,9 +54,19 @@ def _tiny_checkpoints(workdir: str):
 
     tok = build_arith_tokenizer()
     # head_dim 64 and a vocab padded to 64 keep every SGLang attention backend and kernel happy.
-    cfg = get_model_config("tiny-qwen2", vocab_size=64, hidden_size=128, intermediate_size=256, num_heads=2,
-                           num_kv_heads=1, head_dim=64, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = get_model_config(
+        "tiny-qwen2",
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=64,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     policies = [init_policy(cfg, seed=s, dtype=jnp.float32, param_dtype=jnp.float32) for s in (0, 1)]
     model_dir = os.path.join(workdir, "init_model")
     save_hf_policy(policies[0], model_dir, dtype="float32")
@@ -66,8 +76,21 @@ def _tiny_checkpoints(workdir: str):
 
 def _start_sidecar(engine, config_path, port, weights_dir, token, timeout_s):
     env = dict(os.environ, CONSPO_SIDECAR_TOKEN=token)
-    cmd = [sys.executable, "-m", "conspo_jax.sidecar", "--engine", engine, "--config", config_path,
-           "--port", str(port), "--weights-dir", weights_dir, "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "conspo_jax.sidecar",
+        "--engine",
+        engine,
+        "--config",
+        config_path,
+        "--port",
+        str(port),
+        "--weights-dir",
+        weights_dir,
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
     ready = threading.Event()
     target = []
@@ -110,11 +133,18 @@ def trainer_logprobs(policy, prompts, rollouts):
 
     prompt_len = max(map(len, prompts))
     width = rollouts.completion_ids_RxT.shape[1]
-    batch = build_rl_batch(prompts, rollouts, np.zeros(rollouts.num_rows, np.float32), prompt_len=prompt_len,
-                           completion_len=width, pad_id=rollouts.pad_id)
+    batch = build_rl_batch(
+        prompts,
+        rollouts,
+        np.zeros(rollouts.num_rows, np.float32),
+        prompt_len=prompt_len,
+        completion_len=width,
+        pad_id=rollouts.pad_id,
+    )
     graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
     logp = jax.jit(completion_logprobs, static_argnums=(0, 5))(
-        graphdef, params, rest, batch["input_ids"], batch["attention_mask"], prompt_len)
+        graphdef, params, rest, batch["input_ids"], batch["attention_mask"], prompt_len
+    )
     return np.asarray(logp) * batch["completion_mask"]
 
 
@@ -140,8 +170,7 @@ def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: fl
     proc, target = _start_sidecar(engine, config_path, port, weights_dir, token, start_timeout_s)
     out["startup_s"] = round(time.perf_counter() - t0, 2)
     try:
-        with SidecarClient(target, token=token, verifier="arith", weights=weights_dir,
-                           deadline_s=600) as client:
+        with SidecarClient(target, token=token, verifier="arith", weights=weights_dir, deadline_s=600) as client:
             t0 = time.perf_counter()
             ro = client.generate(prompts, params, answers=answers)
             out["generate_s"] = round(time.perf_counter() - t0, 3)
@@ -150,11 +179,12 @@ def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: fl
             assert np.all(np.isfinite(ro.logprobs_RxT)) and np.all(ro.logprobs_RxT[mask] <= 1e-6)
             assert set(np.unique(ro.rewards_R).tolist()) <= {0.0, 1.0}
             comps = ro.completions()
-            distinct = [len({tuple(c) for c in comps[p * params.n:(p + 1) * params.n]}) for p in range(len(prompts))]
+            distinct = [len({tuple(c) for c in comps[p * params.n : (p + 1) * params.n]}) for p in range(len(prompts))]
             assert min(distinct) > 1, f"samples of a group are identical (seeds not distinct?): {distinct}"
             out["tokens"] = int(mask.sum())
-            out["init_mismatch_mean"] = float(logprob_mismatch(trainer_logprobs(init_policy_, prompts, ro),
-                                                               ro.logprobs_RxT, mask))
+            out["init_mismatch_mean"] = float(
+                logprob_mismatch(trainer_logprobs(init_policy_, prompts, ro), ro.logprobs_RxT, mask)
+            )
 
             t0 = time.perf_counter()
             client.update_weights(trainer_policy, 1)
@@ -181,17 +211,25 @@ def main(argv=None) -> int:
     p.add_argument("--engine", default="sglang", choices=["sglang", "jax"])
     p.add_argument("--workdir", default=None, help="where checkpoints and weights go (default: a temp dir)")
     p.add_argument("--port", type=int, default=0, help="sidecar port; 0 picks a free one")
-    p.add_argument("--sglang-kwargs", default='{"mem_fraction_static": 0.2, "disable_cuda_graph": true}',
-                   help="JSON forwarded to sglang.Engine")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="bound on mean |Δ logp| after the push (default 0.05 for sglang; 1e-3 for jax, "
-                        "whose sampler keeps a bf16 KV cache)")
+    p.add_argument(
+        "--sglang-kwargs",
+        default='{"mem_fraction_static": 0.2, "disable_cuda_graph": true}',
+        help="JSON forwarded to sglang.Engine",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="bound on mean |Δ logp| after the push (default 0.05 for sglang; 1e-3 for jax, "
+        "whose sampler keeps a bf16 KV cache)",
+    )
     p.add_argument("--start-timeout-s", type=float, default=900.0)
     args = p.parse_args(argv)
     tolerance = args.tolerance if args.tolerance is not None else (0.05 if args.engine == "sglang" else 1e-3)
     with tempfile.TemporaryDirectory(prefix="conspo-sidecar-check-") as tmp:
-        result = run(args.engine, args.workdir or tmp, args.port, json.loads(args.sglang_kwargs), tolerance,
-                     args.start_timeout_s)
+        result = run(
+            args.engine, args.workdir or tmp, args.port, json.loads(args.sglang_kwargs), tolerance, args.start_timeout_s
+        )
     print(json.dumps(result, sort_keys=True))
     return 0
 

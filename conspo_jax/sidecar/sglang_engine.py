@@ -56,8 +56,9 @@ class SGLangEngine(RolloutEngine):
                  ``enable_deterministic_inference``, ``dtype``).
     """
 
-    def __init__(self, model_path: str | None = None, *, engine=None, pad_id: int = 0, version: int = 0,
-                 **engine_kwargs):
+    def __init__(
+        self, model_path: str | None = None, *, engine=None, pad_id: int = 0, version: int = 0, **engine_kwargs
+    ):
         if engine is None:
             if not model_path:
                 raise ValueError("SGLangEngine needs model_path (an HF checkpoint directory) or engine=")
@@ -120,8 +121,15 @@ class SGLangEngine(RolloutEngine):
             ids_RxT[i, : len(toks)] = toks
             logp_RxT[i, : len(toks)] = lps
             lens_R[i] = len(toks)
-        return Rollouts(ids_RxT, lens_R, logp_RxT, reasons, np.repeat(np.arange(len(prompts), dtype=np.int32), n),
-                        weight_version=self.version, pad_id=self.pad_id)
+        return Rollouts(
+            ids_RxT,
+            lens_R,
+            logp_RxT,
+            reasons,
+            np.repeat(np.arange(len(prompts), dtype=np.int32), n),
+            weight_version=self.version,
+            pad_id=self.pad_id,
+        )
 
     def load_weights_from_path(self, path: str, version: int) -> None:
         """``update_weights_from_disk(path)`` then ``flush_cache()`` (the prefix cache holds old-weight KV)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 

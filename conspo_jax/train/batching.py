@@ -27,15 +27,20 @@ def build_rl_batch(prompts, rollouts, rewards_R, *, prompt_len: int, completion_
         if len(prompt) > prompt_len:
             raise UsageError(f"data.max_prompt_len={prompt_len} is shorter than a prompt of {len(prompt)} tokens")
         m = min(int(rollouts.completion_lens_R[r]), completion_len)
-        ids[r, prompt_len - len(prompt):prompt_len] = prompt
-        attn[r, prompt_len - len(prompt):prompt_len + m] = 1
-        ids[r, prompt_len:prompt_len + m] = rollouts.completion_ids_RxT[r, :m]
+        ids[r, prompt_len - len(prompt) : prompt_len] = prompt
+        attn[r, prompt_len - len(prompt) : prompt_len + m] = 1
+        ids[r, prompt_len : prompt_len + m] = rollouts.completion_ids_RxT[r, :m]
         cmask[r, :m] = 1.0
         engine_logp[r, :m] = rollouts.logprobs_RxT[r, :m]
     return {
-        "input_ids": ids, "attention_mask": attn, "completion_mask": cmask, "engine_logp": engine_logp,
-        "rewards": np.asarray(rewards_R, np.float32), "group_ids": rollouts.group_ids_R.astype(np.int32),
-        "rollout_mask": np.ones((rows,), np.float32), "_n": n,
+        "input_ids": ids,
+        "attention_mask": attn,
+        "completion_mask": cmask,
+        "engine_logp": engine_logp,
+        "rewards": np.asarray(rewards_R, np.float32),
+        "group_ids": rollouts.group_ids_R.astype(np.int32),
+        "rollout_mask": np.ones((rows,), np.float32),
+        "_n": n,
     }
 
 

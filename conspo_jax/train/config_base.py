@@ -13,8 +13,18 @@ import inspect
 import ml_collections
 
 # Section 5.1 / Tables 7-8 of the paper.
-PAPER = dict(prompts_per_step=256, n=8, temperature=1.0, lr=2e-6, tau=10.0, max_margin=0.01, warmup_ratio=0.3,
-             eval_temperature=0.6, eval_top_p=0.95, max_prompt_len=1024)
+PAPER = dict(
+    prompts_per_step=256,
+    n=8,
+    temperature=1.0,
+    lr=2e-6,
+    tau=10.0,
+    max_margin=0.01,
+    warmup_ratio=0.3,
+    eval_temperature=0.6,
+    eval_top_p=0.95,
+    max_prompt_len=1024,
+)
 
 
 def objective_defaults(name: str) -> dict:
@@ -38,46 +48,94 @@ def base_config() -> ml_collections.ConfigDict:
     c.xla_cache_dir = "~/.cache/conspo_jax/xla"  # persistent compilation cache; '' disables
     c.task = "math"  # 'math' (math_reward on \boxed{}) or 'arith' (the synthetic task)
 
-    c.model = ml_collections.ConfigDict(dict(
-        arch="",            # a named architecture (conspo_jax.models.get_model_config) for random init
-        path="",            # a local HF checkpoint directory
-        random_init=False,  # True: random weights of path's / arch's architecture (dry runs)
-        dtype="bfloat16", param_dtype="float32", remat="none", logprob_chunk=0,
-        overrides=ml_collections.ConfigDict(),  # ModelConfig fields to replace (tiny models)
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            arch="",  # a named architecture (conspo_jax.models.get_model_config) for random init
+            path="",  # a local HF checkpoint directory
+            random_init=False,  # True: random weights of path's / arch's architecture (dry runs)
+            dtype="bfloat16",
+            param_dtype="float32",
+            remat="none",
+            logprob_chunk=0,
+            overrides=ml_collections.ConfigDict(),  # ModelConfig fields to replace (tiny models)
+        )
+    )
     c.tokenizer = ""  # defaults to model.path; 'arith' builds the synthetic task's tokenizer
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
 
-    c.data = ml_collections.ConfigDict(dict(
-        train="", train_format="", max_prompt_len=PAPER["max_prompt_len"], num_epochs=4, shuffle=True,
-        # the synthetic arithmetic task
-        num_train=4000, num_eval=200, max_operand=99, ops="+-", pad_operands=False,
-    ))
-    c.rollout = ml_collections.ConfigDict(dict(
-        backend="jax", prompts_per_step=PAPER["prompts_per_step"], n=PAPER["n"],
-        temperature=PAPER["temperature"], top_p=1.0, top_k=0, max_new_tokens=8192, prompt_bucket=64,
-        sidecar=ml_collections.ConfigDict(dict(
-            address="127.0.0.1:50051", token="", weights_dir="", max_staleness=0, tis_cap=0.0,
-            deadline_s=600.0, verifier="")),  # verifier '': the task's (math or arith)
-    ))
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train="",
+            train_format="",
+            max_prompt_len=PAPER["max_prompt_len"],
+            num_epochs=4,
+            shuffle=True,
+            # the synthetic arithmetic task
+            num_train=4000,
+            num_eval=200,
+            max_operand=99,
+            ops="+-",
+            pad_operands=False,
+        )
+    )
+    c.rollout = ml_collections.ConfigDict(
+        dict(
+            backend="jax",
+            prompts_per_step=PAPER["prompts_per_step"],
+            n=PAPER["n"],
+            temperature=PAPER["temperature"],
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=8192,
+            prompt_bucket=64,
+            sidecar=ml_collections.ConfigDict(
+                dict(
+                    address="127.0.0.1:50051",
+                    token="",
+                    weights_dir="",
+                    max_staleness=0,
+                    tis_cap=0.0,
+                    deadline_s=600.0,
+                    verifier="",
+                )
+            ),  # verifier '': the task's (math or arith)
+        )
+    )
     c.objective = ml_collections.ConfigDict(dict(name="conspo"))
     for name in list_objectives():
         c.objective[name] = ml_collections.ConfigDict(objective_defaults(name))
-    c.optim = ml_collections.ConfigDict(dict(
-        lr=PAPER["lr"], warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0))
-    c.train = ml_collections.ConfigDict(dict(
-        num_steps=0,            # 0: derived from data size, prompts_per_step and data.num_epochs
-        mini_batches=1,         # optimizer updates per rollout batch (groups split evenly)
-        micro_batch_groups=0,   # groups per micro-batch for gradient accumulation; 0 = whole mini-batch
-        log_every=1, ckpt_every=50, keep_ckpts=2, stop_after=0, max_nonfinite=20, progress_bar=True,
-        export_hf=True,         # write the final policy + tokenizer to <workdir>/hf
-    ))
+    c.optim = ml_collections.ConfigDict(
+        dict(lr=PAPER["lr"], warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            num_steps=0,  # 0: derived from data size, prompts_per_step and data.num_epochs
+            mini_batches=1,  # optimizer updates per rollout batch (groups split evenly)
+            micro_batch_groups=0,  # groups per micro-batch for gradient accumulation; 0 = whole mini-batch
+            log_every=1,
+            ckpt_every=50,
+            keep_ckpts=2,
+            stop_after=0,
+            max_nonfinite=20,
+            progress_bar=True,
+            export_hf=True,  # write the final policy + tokenizer to <workdir>/hf
+        )
+    )
     c.sft = ml_collections.ConfigDict(dict(steps=0, lr=1e-3, batch_size=64, warmup_steps=10))
-    c.eval = ml_collections.ConfigDict(dict(
-        every=100, at_start=True, n=1, temperature=PAPER["eval_temperature"], top_p=PAPER["eval_top_p"],
-        max_new_tokens=0,  # 0: rollout.max_new_tokens (the paper evaluates at the training length)
-        k=0,  # samples per problem; 0: the paper's protocol (avg@32 on AIME/HMMT/AMC, pass@1 elsewhere)
-        benchmarks="aime24,aime25,hmmt25,math500,amc23,olympiadbench", limit=0, num_problems=200))
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            every=100,
+            at_start=True,
+            n=1,
+            temperature=PAPER["eval_temperature"],
+            top_p=PAPER["eval_top_p"],
+            max_new_tokens=0,  # 0: rollout.max_new_tokens (the paper evaluates at the training length)
+            k=0,  # samples per problem; 0: the paper's protocol (avg@32 on AIME/HMMT/AMC, pass@1 elsewhere)
+            benchmarks="aime24,aime25,hmmt25,math500,amc23,olympiadbench",
+            limit=0,
+            num_problems=200,
+        )
+    )
     return c
 
 

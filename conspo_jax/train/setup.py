@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +80,10 @@ def build_mesh(config):
     for k, v in shape.items():
         if v == -1:
             shape[k] = n_dev // fixed
-    require(math.prod(shape.values()) == n_dev,
-            f"mesh: data*fsdp*tensor must equal the {n_dev} devices, got {dict(config.mesh)}")
+    require(
+        math.prod(shape.values()) == n_dev,
+        f"mesh: data*fsdp*tensor must equal the {n_dev} devices, got {dict(config.mesh)}",
+    )
     return make_mesh(shape)
 
 
@@ -120,7 +122,7 @@ class Task:
 
     train_records: list
     eval_records: list
-    encode: Callable[[dict], list]          # record -> prompt token ids
+    encode: Callable[[dict], list]  # record -> prompt token ids
     reward: Callable[[list, list], np.ndarray]  # (response texts, answers) -> rewards
     sft_target: Callable[[dict], str] | None = None  # record -> supervised completion (warm start)
 
@@ -138,10 +140,12 @@ def build_task(config, tokenizer) -> Task:
             raise UsageError(str(e)) from None
         bos = [tokenizer.bos_token_id]
         return Task(
-            train, held_out,
+            train,
+            held_out,
             encode=lambda r: bos + tokenizer(arith.arith_prompt(r["problem"]))["input_ids"],
-            reward=lambda texts, answers: np.array([arith.arith_reward(t, a) for t, a in zip(texts, answers)],
-                                                   np.float32),
+            reward=lambda texts, answers: np.array(
+                [arith.arith_reward(t, a) for t, a in zip(texts, answers)], np.float32
+            ),
             sft_target=lambda r: arith.arith_target(r["answer"]),
         )
     from conspo_jax.data.math_data import load_dataset_spec
@@ -150,7 +154,8 @@ def build_task(config, tokenizer) -> Task:
 
     train = load_dataset_spec(config.data.train, fmt=config.data.train_format or None)
     return Task(
-        train, [],
+        train,
+        [],
         encode=lambda r: encode_prompt(r["problem"], tokenizer),
         reward=lambda texts, answers: np.asarray(math_reward_batch(texts, answers), np.float32),
     )

@@ -42,14 +42,30 @@ def encode_sft(records, encode, target, tokenizer, width: int):
         p = encode(r)
         t = tokenizer(target(r))["input_ids"] + [tokenizer.eos_token_id]
         seq = (p + t)[:width]
-        ids[i, :len(seq)] = seq
-        attn[i, :len(seq)] = 1
-        tmask[i, len(p) - 1:len(seq) - 1] = 1.0  # logp index j predicts token j+1
+        ids[i, : len(seq)] = seq
+        attn[i, : len(seq)] = 1
+        tmask[i, len(p) - 1 : len(seq) - 1] = 1.0  # logp index j predicts token j+1
     return ids, attn, tmask
 
 
-def warm_start(graphdef, params, rest, records, encode, target, tokenizer, *, steps, lr, batch_size,
-               warmup_steps, seed, width, mesh=None, log=None):
+def warm_start(
+    graphdef,
+    params,
+    rest,
+    records,
+    encode,
+    target,
+    tokenizer,
+    *,
+    steps,
+    lr,
+    batch_size,
+    warmup_steps,
+    seed,
+    width,
+    mesh=None,
+    log=None,
+):
     """Runs ``steps`` AdamW steps of supervised training; returns the new params."""
     ids, attn, tmask = encode_sft(records, encode, target, tokenizer, width)
     from conspo_jax.train.step import warmup_then_constant

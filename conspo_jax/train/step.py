@@ -23,7 +23,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from conspo_jax.models import token_logprobs
 from conspo_jax.objectives import ObjectiveInputs
 
-
 _SCHEDULE_KEYS = ("margin",)
 
 
@@ -56,11 +55,10 @@ def completion_logprobs(graphdef, params, rest, input_ids, attention_mask, promp
     """Trainer log-probs of the completion tokens: [R, T - prompt_len]."""
     model = nnx.merge(graphdef, params, rest)
     logp_RxT1 = token_logprobs(model, input_ids, attention_mask)
-    return logp_RxT1[:, prompt_len - 1:]
+    return logp_RxT1[:, prompt_len - 1 :]
 
 
-def _micro_objective(params, mb, progress, rest, ref_params, *, graphdef, objective, num_groups, prompt_len,
-                     tis_cap):
+def _micro_objective(params, mb, progress, rest, ref_params, *, graphdef, objective, num_groups, prompt_len, tis_cap):
     logp_RxC = completion_logprobs(graphdef, params, rest, mb["input_ids"], mb["attention_mask"], prompt_len)
     if tis_cap > 0:
         # Truncated importance sampling for engine/trainer mismatch: scale each token's gradient by
@@ -74,10 +72,17 @@ def _micro_objective(params, mb, progress, rest, ref_params, *, graphdef, object
     ref = None
     if ref_params is not None:
         ref = jax.lax.stop_gradient(
-            completion_logprobs(graphdef, ref_params, rest, mb["input_ids"], mb["attention_mask"], prompt_len))
+            completion_logprobs(graphdef, ref_params, rest, mb["input_ids"], mb["attention_mask"], prompt_len)
+        )
     inputs = ObjectiveInputs(
-        token_logp=logp_RxC, old_logp=old, mask=mb["completion_mask"], rewards=mb["rewards"],
-        group_ids=mb["group_ids"], rollout_mask=mb["rollout_mask"], ref_logp=ref)
+        token_logp=logp_RxC,
+        old_logp=old,
+        mask=mb["completion_mask"],
+        rewards=mb["rewards"],
+        group_ids=mb["group_ids"],
+        rollout_mask=mb["rollout_mask"],
+        ref_logp=ref,
+    )
     value, aux = objective(inputs, num_groups=num_groups, progress=progress)
     n = jax.lax.stop_gradient(aux["normalizer"]).astype(jnp.float32)
     mask = mb["completion_mask"]
@@ -86,14 +91,32 @@ def _micro_objective(params, mb, progress, rest, ref_params, *, graphdef, object
     return -value * n, (value, n, aux, mismatch, jnp.sum(mask))
 
 
-def train_step(state: TrainState, micro_batches, progress, rest, ref_params=None, *, graphdef, objective, num_groups,
-               prompt_len, optimizer, tis_cap=0.0):
+def train_step(
+    state: TrainState,
+    micro_batches,
+    progress,
+    rest,
+    ref_params=None,
+    *,
+    graphdef,
+    objective,
+    num_groups,
+    prompt_len,
+    optimizer,
+    tis_cap=0.0,
+):
     """One optimizer update over micro-batches stacked on a leading axis [M, rows, ...].
 
     ``rest`` is the policy's non-parameter state; ``ref_params`` the frozen reference policy (KL terms).
     """
-    loss_fn = functools.partial(_micro_objective, graphdef=graphdef, objective=objective, num_groups=num_groups,
-                                prompt_len=prompt_len, tis_cap=tis_cap)
+    loss_fn = functools.partial(
+        _micro_objective,
+        graphdef=graphdef,
+        objective=objective,
+        num_groups=num_groups,
+        prompt_len=prompt_len,
+        tis_cap=tis_cap,
+    )
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def body(acc, mb):
@@ -102,12 +125,19 @@ def train_step(state: TrainState, micro_batches, progress, rest, ref_params=None
         g_acc = jax.tree.map(jnp.add, g_acc, grads)
         aux_acc = jax.tree.map(lambda a, b: a + b * n, aux_acc, aux)
         return (g_acc, v_acc + value * n, n_acc + n, aux_acc, mm_acc + mismatch, tok_acc + ntok), {
-            k: aux[k] for k in _SCHEDULE_KEYS if k in aux}
+            k: aux[k] for k in _SCHEDULE_KEYS if k in aux
+        }
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
     aux_shape = jax.eval_shape(lambda: loss_fn(state.params, first, progress, rest, ref_params)[1][2])
-    init = (jax.tree.map(jnp.zeros_like, state.params), jnp.float32(0), jnp.float32(0),
-            jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape), jnp.float32(0), jnp.float32(0))
+    init = (
+        jax.tree.map(jnp.zeros_like, state.params),
+        jnp.float32(0),
+        jnp.float32(0),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape),
+        jnp.float32(0),
+        jnp.float32(0),
+    )
     (g_sum, v_sum, n_sum, aux_sum, mm_sum, tok_sum), aux_all = jax.lax.scan(body, init, micro_batches)
     aux_last = {k: v[-1] for k, v in aux_all.items()}
     denom = jnp.maximum(n_sum, 1e-9)
@@ -116,15 +146,21 @@ def train_step(state: TrainState, micro_batches, progress, rest, ref_params=None
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(value) & jnp.isfinite(optax.global_norm(grads))
-    metrics = {f"objective/{k}": jnp.where(n_sum > 0, v / denom, 0.0) for k, v in aux_sum.items()
-               if k not in _SCHEDULE_KEYS}
+    metrics = {
+        f"objective/{k}": jnp.where(n_sum > 0, v / denom, 0.0) for k, v in aux_sum.items() if k not in _SCHEDULE_KEYS
+    }
     # Schedule values (the margin) are the same in every micro-batch, valid groups or not.
     metrics.update({f"objective/{k}": v for k, v in aux_last.items()})
-    metrics.update({
-        "loss": -value, "objective/value": value, "objective/normalizer": n_sum,
-        "grad_norm": optax.global_norm(grads), "nonfinite": (~finite).astype(jnp.int32),
-        "rollout/logp_mismatch": mm_sum / jnp.maximum(tok_sum, 1.0),
-    })
+    metrics.update(
+        {
+            "loss": -value,
+            "objective/value": value,
+            "objective/normalizer": n_sum,
+            "grad_norm": optax.global_norm(grads),
+            "nonfinite": (~finite).astype(jnp.int32),
+            "rollout/logp_mismatch": mm_sum / jnp.maximum(tok_sum, 1.0),
+        }
+    )
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -164,10 +200,18 @@ def make_train_step(state, example_batch, mesh, *, rest, ref_params=None, **stat
     over, and the state donated. Call it as ``step(state, micro_batches, progress, rest, ref_params)``."""
     s_shard = state_shardings(state, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(functools.partial(train_step, **static), donate_argnums=0,
-                   in_shardings=(s_shard, micro_batch_shardings(example_batch, mesh), replicated,
-                                 state_shardings(rest, mesh), state_shardings(ref_params, mesh)),
-                   out_shardings=(s_shard, replicated))
+    return jax.jit(
+        functools.partial(train_step, **static),
+        donate_argnums=0,
+        in_shardings=(
+            s_shard,
+            micro_batch_shardings(example_batch, mesh),
+            replicated,
+            state_shardings(rest, mesh),
+            state_shardings(ref_params, mesh),
+        ),
+        out_shardings=(s_shard, replicated),
+    )
 
 
 def make_logprob_fn(graphdef, prompt_len):

@@ -35,16 +35,27 @@ def _make_engine(config, policy, tokenizer, mesh, stop_ids, version):
     from conspo_jax.rollout.jax_engine import JaxEngine
 
     # The KV cache keeps the compute dtype, so engine and trainer log-probs agree (fp32 runs: <= 1e-4).
-    return JaxEngine(policy, eos_token_ids=stop_ids, pad_id=tokenizer.pad_token_id, mesh=mesh,
-                     prompt_bucket=config.rollout.prompt_bucket, cache_dtype=setup.DTYPES[config.model.dtype],
-                     version=version)
+    return JaxEngine(
+        policy,
+        eos_token_ids=stop_ids,
+        pad_id=tokenizer.pad_token_id,
+        mesh=mesh,
+        prompt_bucket=config.rollout.prompt_bucket,
+        cache_dtype=setup.DTYPES[config.model.dtype],
+        version=version,
+    )
 
 
 def _prompt_iterator(config, records, num_epochs):
     from conspo_jax.data.pipeline import make_prompt_dataset
 
-    return make_prompt_dataset(records, batch_size=config.rollout.prompts_per_step, seed=config.seed,
-                               num_epochs=num_epochs, shuffle=config.data.shuffle)
+    return make_prompt_dataset(
+        records,
+        batch_size=config.rollout.prompts_per_step,
+        seed=config.seed,
+        num_epochs=num_epochs,
+        shuffle=config.data.shuffle,
+    )
 
 
 def evaluate_held_out(engine, task, config, seed, tokenizer):
@@ -52,8 +63,13 @@ def evaluate_held_out(engine, task, config, seed, tokenizer):
     if not task.eval_records:
         return None
     e = config.eval
-    params = SamplingParams(n=e.n, temperature=e.temperature, top_p=e.top_p,
-                            max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens, seed=seed)
+    params = SamplingParams(
+        n=e.n,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
+        seed=seed,
+    )
     prompts = [task.encode(r) for r in task.eval_records]
     out = engine.generate(prompts, params)
     texts = engine_texts(out, tokenizer)
@@ -71,10 +87,21 @@ def run_evaluation(engine, task, config, tokenizer, workdir, step, stop_ids) -> 
         return {}
     from conspo_jax.evals.runner import evaluate
 
-    res = evaluate(engine, tokenizer, names, out_dir=os.path.join(workdir, "eval", f"step_{step}"),
-                   max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens, k_overrides=e.k or None,
-                   temperature=e.temperature, top_p=e.top_p, seed=config.seed, limit=e.limit or None,
-                   stop_token_ids=stop_ids, label=f"step {step}", progress=False)
+    res = evaluate(
+        engine,
+        tokenizer,
+        names,
+        out_dir=os.path.join(workdir, "eval", f"step_{step}"),
+        max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
+        k_overrides=e.k or None,
+        temperature=e.temperature,
+        top_p=e.top_p,
+        seed=config.seed,
+        limit=e.limit or None,
+        stop_token_ids=stop_ids,
+        label=f"step {step}",
+        progress=False,
+    )
     out = {f"eval/{name}": float(b["score"]) for name, b in res["benchmarks"].items()}
     out["eval/accuracy"] = float(res["average"])
     return out
@@ -108,8 +135,9 @@ def train(config, workdir: str) -> dict:
     r = config.rollout
     prompts_per_epoch = len(task.train_records) // r.prompts_per_step
     if prompts_per_epoch == 0:
-        raise UsageError(f"rollout.prompts_per_step={r.prompts_per_step} exceeds the "
-                         f"{len(task.train_records)} training prompts")
+        raise UsageError(
+            f"rollout.prompts_per_step={r.prompts_per_step} exceeds the {len(task.train_records)} training prompts"
+        )
     total_steps = config.train.num_steps or prompts_per_epoch * config.data.num_epochs
     num_epochs = -(-total_steps // prompts_per_epoch)
     optimizer = make_optimizer(**config.optim)
@@ -128,11 +156,23 @@ def train(config, workdir: str) -> dict:
         from conspo_jax.train.sft import warm_start
 
         t0 = time.time()
-        new_params = warm_start(graphdef, state.params, rest, task.train_records, task.encode, task.sft_target,
-                                tokenizer, steps=config.sft.steps, lr=config.sft.lr,
-                                batch_size=config.sft.batch_size, warmup_steps=config.sft.warmup_steps,
-                                seed=config.seed, width=width + r.max_new_tokens, mesh=mesh,
-                                log=lambda s, l: _say(f"  sft step {s}: loss {l:.3f}"))
+        new_params = warm_start(
+            graphdef,
+            state.params,
+            rest,
+            task.train_records,
+            task.encode,
+            task.sft_target,
+            tokenizer,
+            steps=config.sft.steps,
+            lr=config.sft.lr,
+            batch_size=config.sft.batch_size,
+            warmup_steps=config.sft.warmup_steps,
+            seed=config.seed,
+            width=width + r.max_new_tokens,
+            mesh=mesh,
+            log=lambda s, loss: _say(f"  sft step {s}: loss {loss:.3f}"),
+        )
         state = init_train_state(new_params, optimizer, jax.random.key(config.seed), mesh)
         _say(f"warm start done in {time.time() - t0:.0f}s")
     start = int(state.step)
@@ -163,19 +203,31 @@ def train(config, workdir: str) -> dict:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=start, desc="train", disable=not config.train.progress_bar,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=start, desc="train", disable=not config.train.progress_bar, dynamic_ncols=True
+    )
     row, nonfinite_run = {}, 0
     for step in range(start, total_steps):
         t0 = time.time()
         records = next(data_iter)  # a list of {id, problem, answer} records
         prompts = [task.encode(rec) for rec in records]
         seed = int(jax.random.randint(jax.random.fold_in(jax.random.wrap_key_data(state.rng), step), (), 0, 2**31 - 1))
-        sampling = SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                  max_new_tokens=r.max_new_tokens, stop_token_ids=stop_ids, seed=seed)
+        sampling = SamplingParams(
+            n=r.n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            stop_token_ids=stop_ids,
+            seed=seed,
+        )
         if r.backend == "sidecar":  # the sidecar verifies in its worker processes
-            rollouts = engine.generate(prompts, sampling, answers=[rec["answer"] for rec in records],
-                                       prompt_ids=[str(rec.get("id", i)) for i, rec in enumerate(records)])
+            rollouts = engine.generate(
+                prompts,
+                sampling,
+                answers=[rec["answer"] for rec in records],
+                prompt_ids=[str(rec.get("id", i)) for i, rec in enumerate(records)],
+            )
         else:
             rollouts = engine.generate(prompts, sampling)
         t_gen = time.time() - t0
@@ -183,22 +235,38 @@ def train(config, workdir: str) -> dict:
         rewards = getattr(rollouts, "rewards_R", None)
         if rewards is None:
             rewards = task.reward(engine_texts(rollouts, tokenizer), answers)
-        batch = build_rl_batch(prompts, rollouts, rewards, prompt_len=width, completion_len=r.max_new_tokens,
-                               pad_id=tokenizer.pad_token_id)
-        minis = split_micro_batches(batch, mini_batches=config.train.mini_batches,
-                                    micro_batch_groups=config.train.micro_batch_groups)
+        batch = build_rl_batch(
+            prompts, rollouts, rewards, prompt_len=width, completion_len=r.max_new_tokens, pad_id=tokenizer.pad_token_id
+        )
+        minis = split_micro_batches(
+            batch, mini_batches=config.train.mini_batches, micro_batch_groups=config.train.micro_batch_groups
+        )
         if old_logp_fn is not None:
             for mb in minis:
                 shape = mb["input_ids"].shape
-                flat = old_logp_fn(state.params, rest, mb["input_ids"].reshape(-1, shape[-1]),
-                                   mb["attention_mask"].reshape(-1, shape[-1]))
+                flat = old_logp_fn(
+                    state.params,
+                    rest,
+                    mb["input_ids"].reshape(-1, shape[-1]),
+                    mb["attention_mask"].reshape(-1, shape[-1]),
+                )
                 mb["old_logp"] = np.asarray(flat).reshape(shape[0], shape[1], -1)
         progress = jnp.float32(step / max(total_steps, 1))
         step_metrics = []
         if step_fn is None:
-            step_fn = make_train_step(state, minis[0], mesh, rest=rest, ref_params=ref_params, graphdef=graphdef,
-                                      objective=objective, num_groups=micro_groups, prompt_len=width,
-                                      optimizer=optimizer, tis_cap=float(r.sidecar.tis_cap))
+            step_fn = make_train_step(
+                state,
+                minis[0],
+                mesh,
+                rest=rest,
+                ref_params=ref_params,
+                graphdef=graphdef,
+                objective=objective,
+                num_groups=micro_groups,
+                prompt_len=width,
+                optimizer=optimizer,
+                tis_cap=float(r.sidecar.tis_cap),
+            )
         for mb in minis:
             state, m = step_fn(state, mb, progress, rest, ref_params)
             step_metrics.append(m)
@@ -211,20 +279,27 @@ def train(config, workdir: str) -> dict:
             if nonfinite_run >= config.train.max_nonfinite:
                 raise FloatingPointError(f"{nonfinite_run} consecutive non-finite steps; stopping")
         lens = rollouts.completion_lens_R
-        row.update({
-            "reward/mean": float(np.mean(rewards)), "response_len/mean": float(np.mean(lens)),
-            "rollout/truncated_frac": float(np.mean([f == "length" for f in rollouts.finish_reasons])),
-            "margin": row.get("objective/margin", 0.0), "time/generate_s": t_gen, "time/step_s": time.time() - t0,
-            "progress": float(progress),
-        })
+        row.update(
+            {
+                "reward/mean": float(np.mean(rewards)),
+                "response_len/mean": float(np.mean(lens)),
+                "rollout/truncated_frac": float(np.mean([f == "length" for f in rollouts.finish_reasons])),
+                "margin": row.get("objective/margin", 0.0),
+                "time/generate_s": t_gen,
+                "time/step_s": time.time() - t0,
+                "progress": float(progress),
+            }
+        )
         sync_engine(step + 1)
         done = step + 1
         if config.eval.every and (done % config.eval.every == 0 or done == total_steps):
             row.update(run_evaluation(engine, task, config, tokenizer, workdir, done, stop_ids))
         writer.write(done, row)
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", **({"eval": f"{row['eval/accuracy']:.3f}"}
-                                                               if "eval/accuracy" in row else {}))
+        bar.set_postfix(
+            reward=f"{row['reward/mean']:.3f}",
+            **({"eval": f"{row['eval/accuracy']:.3f}"} if "eval/accuracy" in row else {}),
+        )
         if done % config.train.ckpt_every == 0 or done == total_steps:
             ckpt.save(done, state, data_iter.get_state(), {"step": done, "weight_version": done})
             with open(os.path.join(workdir, "results.json"), "w") as f:
