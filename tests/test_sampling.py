@@ -55,5 +55,5 @@ def test_sampling_params_reject_bad_values():
 def test_mock_engine_shapes_and_groups():
     r = MockEngine().generate([[5, 6], [7]], SamplingParams(n=3, max_new_tokens=5, seed=1))
     assert r.num_rows == 6 and list(r.group_ids_R) == [0, 0, 0, 1, 1, 1]
-    assert r.completion_ids_RxT.shape[1] <= 5 and all(1 <= n <= 5 for n in r.completion_lens_R)
+    assert r.completion_ids_RxC.shape[1] <= 5 and all(1 <= n <= 5 for n in r.completion_lens_R)
     assert all((f == "stop") == (c[-1] == 1) for f, c in zip(r.finish_reasons, r.completions()))

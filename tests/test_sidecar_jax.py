@@ -59,7 +59,7 @@ def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):
             compiled = dict(engine._compiled)
             client.update_weights(policy, 1)
             after = client.generate(prompts, params)
-        mask = after.completion_mask_RxT()
+        mask = after.completion_mask_RxC()
         assert engine._compiled == compiled  # same architecture: the push swapped arrays, no recompile
         # The safetensors round trip is lossless: the sidecar now holds exactly the trainer's arrays.
         for a, b in zip(jax.tree.leaves(engine.state), jax.tree.leaves(nnx.split(policy)[1])):
@@ -69,13 +69,13 @@ def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):
         np.testing.assert_array_equal(direct.completion_lens_R, after.completion_lens_R)
         assert direct.completions() == after.completions() and direct.finish_reasons == after.finish_reasons
         np.testing.assert_array_equal(
-            direct.logprobs_RxT[:, : after.logprobs_RxT.shape[1]] * mask, after.logprobs_RxT * mask
+            direct.logprobs_RxC[:, : after.logprobs_RxC.shape[1]] * mask, after.logprobs_RxC * mask
         )
         assert after.weight_version == 1 and sorted(os.listdir(tmp_path)) == ["v000001"]
-        diff = np.abs(trainer_logprobs(policy, prompts, after) - after.logprobs_RxT)[mask]
+        diff = np.abs(trainer_logprobs(policy, prompts, after) - after.logprobs_RxC)[mask]
         assert diff.max() <= 1e-4, diff.max()
         # The push really changed the sidecar's model: its old log-probs are far from the trainer's.
-        old = np.abs(trainer_logprobs(policy, prompts, before) - before.logprobs_RxT)[before.completion_mask_RxT()]
+        old = np.abs(trainer_logprobs(policy, prompts, before) - before.logprobs_RxC)[before.completion_mask_RxC()]
         assert old.mean() > 1e-2, old.mean()
     finally:
         srv.stop(grace=0)

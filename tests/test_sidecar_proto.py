@@ -64,8 +64,8 @@ def test_codec_roundtrip_prompt_major():
         smp.reward = float(i)
     out = codec.rollouts_from_groups(groups, 3, pad_id=0)
     np.testing.assert_array_equal(out.completion_lens_R, ro.completion_lens_R)
-    np.testing.assert_array_equal(out.completion_ids_RxT, ro.completion_ids_RxT)
-    np.testing.assert_allclose(out.logprobs_RxT, ro.logprobs_RxT)
+    np.testing.assert_array_equal(out.completion_ids_RxC, ro.completion_ids_RxC)
+    np.testing.assert_allclose(out.logprobs_RxC, ro.logprobs_RxC)
     assert out.finish_reasons == ro.finish_reasons
     np.testing.assert_array_equal(out.group_ids_R, [0, 0, 0, 1, 1, 1])
     np.testing.assert_array_equal(out.rewards_R, np.arange(6, dtype=np.float32))

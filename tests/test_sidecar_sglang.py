@@ -119,8 +119,8 @@ def test_one_request_per_sample_with_distinct_seeds_and_logprobs():
     for r, out in enumerate(again):
         entries = out["meta_info"]["output_token_logprobs"]
         assert ro.completions()[r] == [e[1] for e in entries] and ro.completions()[r][-1] == 1
-        np.testing.assert_allclose(ro.logprobs_RxT[r, : len(entries)], [e[0] for e in entries], rtol=1e-6)
-        assert (ro.logprobs_RxT[r, len(entries) :] == 0).all()
+        np.testing.assert_allclose(ro.logprobs_RxC[r, : len(entries)], [e[0] for e in entries], rtol=1e-6)
+        assert (ro.logprobs_RxC[r, len(entries) :] == 0).all()
 
 
 def test_length_finish_top_k_and_single_output():

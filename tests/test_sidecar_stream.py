@@ -66,7 +66,7 @@ def test_generate_returns_verified_prompt_major_rollouts(sidecar):
         ro = client.generate(prompts, PARAMS, answers=answers)
         check_rollouts(ro, prompts)
         assert ro.rewards_R.dtype == np.float32
-        np.testing.assert_allclose(ro.logprobs_RxT[ro.completion_mask_RxT()], -1.0)  # the mock's log-probs
+        np.testing.assert_allclose(ro.logprobs_RxC[ro.completion_mask_RxC()], -1.0)  # the mock's log-probs
         # Without answers the sidecar does not verify and the trainer scores the rows itself.
         assert client.generate(prompts, PARAMS).rewards_R is None
         with pytest.raises(ValueError, match="4 answers for 6 prompts"):

@@ -49,17 +49,17 @@ def rope_tables(config: ModelConfig, positions_BxT: jax.Array) -> tuple[jax.Arra
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+def apply_rope(x_BxTxHxE: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates q or k; math in fp32, result in x's dtype."""
-    x = x_BxTxNxH.astype(jnp.float32)
+    x = x_BxTxHxE.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     out = x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-    return out.astype(x_BxTxNxH.dtype)
+    return out.astype(x_BxTxHxE.dtype)
 
 
 def attention(
-    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal=False, lengths=None, mask=None, implementation: str | None = None
+    q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, *, causal=False, lengths=None, mask=None, implementation: str | None = None
 ):
     """Grouped-query attention (softmax in fp32) through `jax.nn.dot_product_attention`.
 
@@ -67,9 +67,9 @@ def attention(
     the form cuDNN flash attention takes without materialising any mask).
     """
     return jax.nn.dot_product_attention(
-        q_BxTxNxH,
-        k_BxSxKxH,
-        v_BxSxKxH,
+        q_BxTxHxE,
+        k_BxSxKxE,
+        v_BxSxKxE,
         mask=mask,
         is_causal=causal,
         query_seq_lengths=lengths,
@@ -79,9 +79,9 @@ def attention(
 
 
 def slot_attention(
-    q_BxTxNxH,
-    k_BxSxKxH,
-    v_BxSxKxH,
+    q_BxTxHxE,
+    k_BxSxKxE,
+    v_BxSxKxE,
     *,
     q_slot_T,
     kv_valid_BxS,
@@ -97,8 +97,8 @@ def slot_attention(
     a [B, T, S] mask nor [B, N, T, S] logits ever exist whole: memory is O(q_chunk * S) per block.
     `self_visible` lets padding queries see their own slot so no softmax row is empty.
     """
-    b, t = q_BxTxNxH.shape[:2]
-    s = k_BxSxKxH.shape[1]
+    b, t = q_BxTxHxE.shape[:2]
+    s = k_BxSxKxE.shape[1]
     kv_slot = jnp.arange(s, dtype=jnp.int32)
 
     def block(q, q_slot, q_seg):
@@ -108,13 +108,13 @@ def slot_attention(
         if self_visible:
             allowed |= (kv_slot[None, :] == q_slot[:, None])[None]
         # cuDNN's fused kernel takes no general boolean mask: masked attention always runs on XLA.
-        return jax.nn.dot_product_attention(q, k_BxSxKxH, v_BxSxKxH, mask=allowed[:, None], implementation="xla")
+        return jax.nn.dot_product_attention(q, k_BxSxKxE, v_BxSxKxE, mask=allowed[:, None], implementation="xla")
 
     if t <= q_chunk:
-        return block(q_BxTxNxH, q_slot_T, q_seg_BxT)
+        return block(q_BxTxHxE, q_slot_T, q_seg_BxT)
     n = -(-t // q_chunk)
     pad = n * q_chunk - t
-    qs = jnp.pad(q_BxTxNxH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    qs = jnp.pad(q_BxTxHxE, ((0, 0), (0, pad), (0, 0), (0, 0)))
     qs = qs.reshape(b, n, q_chunk, *qs.shape[2:]).swapaxes(0, 1)
     slots = jnp.pad(q_slot_T, (0, pad)).reshape(n, q_chunk)
     segs = None

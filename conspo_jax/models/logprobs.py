@@ -42,10 +42,10 @@ def chunked_target_logprobs(model: Transformer, h_BxTxD: jax.Array, targets_BxT:
     w_DxV = model.head_weight()
 
     @jax.checkpoint
-    def one_chunk(h_BxCxD, tgt_BxC):
-        logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(w_DxV.dtype), w_DxV, preferred_element_type=jnp.float32)
+    def one_chunk(h_BxWxD, tgt_BxW):
+        logits = jnp.einsum("bcd,dv->bcv", h_BxWxD.astype(w_DxV.dtype), w_DxV, preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tgt_BxC[..., None], axis=-1)[..., 0]
+        picked = jnp.take_along_axis(logits, tgt_BxW[..., None], axis=-1)[..., 0]
         return picked - lse
 
     _, logp = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (h, tgt))

@@ -188,10 +188,10 @@ def qkv_projection(model: Transformer, p: dict[str, jax.Array], x_BxTxD, cos, si
     return q, k, v
 
 
-def attn_output_and_mlp(model: Transformer, p: dict[str, jax.Array], x_BxTxD, o_BxTxNxH):
+def attn_output_and_mlp(model: Transformer, p: dict[str, jax.Array], x_BxTxD, o_BxTxHxE):
     """Output projection + residual, then pre-norm SwiGLU + residual."""
     c, dt = model.config, model.dtype
-    x = x_BxTxD + jnp.einsum("btnh,nhd->btd", o_BxTxNxH.astype(dt), p["o"].astype(dt))
+    x = x_BxTxD + jnp.einsum("btnh,nhd->btd", o_BxTxHxE.astype(dt), p["o"].astype(dt))
     x = constrain(x, model.mesh, ("batch", "seq", "act_embed"))
     h = L.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
     x = x + L.swiglu(h, p["gate"].astype(dt), p["up"].astype(dt), p["down"].astype(dt))

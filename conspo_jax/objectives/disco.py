@@ -95,12 +95,12 @@ def disco(
         dtype=inputs.token_logp.dtype,
     )
     real_R = split.is_pos_R | split.is_neg_R
-    tok_RxT = as_bool(inputs.mask) & real_R[:, None]
-    log_ratio_RxT = token_log_ratio(inputs.token_logp, inputs.old_logp, tok_RxT)
+    tok_RxC = as_bool(inputs.mask) & real_R[:, None]
+    log_ratio_RxC = token_log_ratio(inputs.token_logp, inputs.old_logp, tok_RxC)
     if score == "logL":
-        s_R = masked_token_mean(inputs.token_logp, tok_RxT)
+        s_R = masked_token_mean(inputs.token_logp, tok_RxC)
     else:
-        s_R = masked_token_mean(jnp.exp(log_ratio_RxT), tok_RxT)
+        s_R = masked_token_mean(jnp.exp(log_ratio_RxC), tok_RxC)
     s_R = jnp.where(real_R, s_R, 0.0)
 
     # Discriminative term: positives' mean score minus the tau-scaled log-MEAN-exp over negatives.
@@ -110,9 +110,9 @@ def disco(
     log_n_neg_G = jnp.log(jnp.maximum(split.n_neg_G, 1.0))
     term_G = jnp.where(split.valid_G, mean_pos_G - tau * (neg_lse_G - log_n_neg_G), 0.0)
 
-    kl_tok_RxT = -log_ratio_RxT if kl_estimator == "k1" else k3_kl(log_ratio_RxT)
-    kl_sum_R = masked_token_sum(kl_tok_RxT, tok_RxT)
-    n_tok_R = response_lengths(tok_RxT, s_R.dtype)
+    kl_tok_RxC = -log_ratio_RxC if kl_estimator == "k1" else k3_kl(log_ratio_RxC)
+    kl_sum_R = masked_token_sum(kl_tok_RxC, tok_RxC)
+    n_tok_R = response_lengths(tok_RxC, s_R.dtype)
     kl_batch = safe_div(jnp.sum(kl_sum_R), jnp.sum(n_tok_R))
     n_nonempty = jnp.sum(split.nonempty_G.astype(s_R.dtype))
     if kl_scope == "group":

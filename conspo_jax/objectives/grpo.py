@@ -32,18 +32,18 @@ from conspo_jax.objectives.segments import (
 from conspo_jax.objectives.sequences import k3_kl, masked_token_mean, masked_token_sum, token_log_ratio
 
 
-def clipped_surrogate_terms(log_ratio_RxT, adv_R, *, eps_low, eps_high):
+def clipped_surrogate_terms(log_ratio_RxC, adv_R, *, eps_low, eps_high):
     """Per-token f(rho, A) of Eq. 4 and where the clip binds (those tokens get no gradient)."""
-    ratio_RxT = jnp.exp(log_ratio_RxT)
-    adv_RxT = adv_R[:, None]
-    unclipped = ratio_RxT * adv_RxT
-    clipped = jnp.clip(ratio_RxT, 1.0 - eps_low, 1.0 + eps_high) * adv_RxT
+    ratio_RxC = jnp.exp(log_ratio_RxC)
+    adv_RxC = adv_R[:, None]
+    unclipped = ratio_RxC * adv_RxC
+    clipped = jnp.clip(ratio_RxC, 1.0 - eps_low, 1.0 + eps_high) * adv_RxC
     return jnp.minimum(unclipped, clipped), clipped < unclipped
 
 
-def token_mask(inputs_mask_RxT, rewards_R, rollout_mask_R):
-    """[R, T] completion tokens of real rollouts."""
-    return as_bool(inputs_mask_RxT) & rollout_validity(rewards_R, rollout_mask_R)[:, None]
+def token_mask(inputs_mask_RxC, rewards_R, rollout_mask_R):
+    """[R, C] completion tokens of real rollouts."""
+    return as_bool(inputs_mask_RxC) & rollout_validity(rewards_R, rollout_mask_R)[:, None]
 
 
 def _group_mean_of_rollouts(per_rollout_R, real_R, group_ids_R, num_groups):
@@ -53,11 +53,11 @@ def _group_mean_of_rollouts(per_rollout_R, real_R, group_ids_R, num_groups):
     return mean_over_groups(per_group_G, n_G > 0)
 
 
-def _token_diagnostics(log_ratio_RxT, clipped_RxT, tok_RxT):
-    n_tok = jnp.sum(tok_RxT.astype(log_ratio_RxT.dtype))
+def _token_diagnostics(log_ratio_RxC, clipped_RxC, tok_RxC):
+    n_tok = jnp.sum(tok_RxC.astype(log_ratio_RxC.dtype))
     return {
-        "clip_frac": safe_div(jnp.sum(clipped_RxT & tok_RxT).astype(n_tok.dtype), n_tok),
-        "approx_kl": safe_div(jnp.sum(jnp.where(tok_RxT, k3_kl(log_ratio_RxT), 0.0)), n_tok),
+        "clip_frac": safe_div(jnp.sum(clipped_RxC & tok_RxC).astype(n_tok.dtype), n_tok),
+        "approx_kl": safe_div(jnp.sum(jnp.where(tok_RxC, k3_kl(log_ratio_RxC), 0.0)), n_tok),
     }
 
 
@@ -77,30 +77,30 @@ def _clipped_objective(
     real_R = rollout_validity(inputs.rewards, inputs.rollout_mask)
     if keep_R is not None:
         real_R = real_R & keep_R
-    tok_RxT = as_bool(inputs.mask) & real_R[:, None]
+    tok_RxC = as_bool(inputs.mask) & real_R[:, None]
     adv_R = group_advantages(
         inputs.rewards, inputs.group_ids, num_groups, rollout_mask=real_R, normalize_std=normalize_std
     ).astype(inputs.token_logp.dtype)
-    log_ratio_RxT = token_log_ratio(inputs.token_logp, inputs.old_logp, tok_RxT)
-    f_RxT, clipped_RxT = clipped_surrogate_terms(log_ratio_RxT, adv_R, eps_low=eps_low, eps_high=eps_high)
-    aux = _token_diagnostics(log_ratio_RxT, clipped_RxT, tok_RxT)
+    log_ratio_RxC = token_log_ratio(inputs.token_logp, inputs.old_logp, tok_RxC)
+    f_RxC, clipped_RxC = clipped_surrogate_terms(log_ratio_RxC, adv_R, eps_low=eps_low, eps_high=eps_high)
+    aux = _token_diagnostics(log_ratio_RxC, clipped_RxC, tok_RxC)
     if inputs.ref_logp is not None and not (isinstance(beta, (int, float)) and beta == 0):
         # DeepSeekMath's k3 penalty pi_ref/pi - log(pi_ref/pi) - 1 sits inside the token average.
-        ref_RxT = jax.lax.stop_gradient(jnp.where(tok_RxT, inputs.ref_logp, 0.0))
-        kl_RxT = k3_kl(jnp.where(tok_RxT, ref_RxT - inputs.token_logp, 0.0))
-        f_RxT = f_RxT - beta * kl_RxT
-        n_tok = jnp.sum(tok_RxT.astype(f_RxT.dtype))
-        aux["ref_kl"] = safe_div(jnp.sum(jnp.where(tok_RxT, kl_RxT, 0.0)), n_tok)
+        ref_RxC = jax.lax.stop_gradient(jnp.where(tok_RxC, inputs.ref_logp, 0.0))
+        kl_RxC = k3_kl(jnp.where(tok_RxC, ref_RxC - inputs.token_logp, 0.0))
+        f_RxC = f_RxC - beta * kl_RxC
+        n_tok = jnp.sum(tok_RxC.astype(f_RxC.dtype))
+        aux["ref_kl"] = safe_div(jnp.sum(jnp.where(tok_RxC, kl_RxC, 0.0)), n_tok)
 
     if aggregation == "token":
-        n_tok = jnp.sum(tok_RxT.astype(f_RxT.dtype))
-        value = safe_div(jnp.sum(jnp.where(tok_RxT, f_RxT, 0.0)), n_tok)
+        n_tok = jnp.sum(tok_RxC.astype(f_RxC.dtype))
+        value = safe_div(jnp.sum(jnp.where(tok_RxC, f_RxC, 0.0)), n_tok)
         aux["normalizer"] = jax.lax.stop_gradient(n_tok)
         return value, aux
     if length_normalizer is None:
-        per_rollout_R = masked_token_mean(f_RxT, tok_RxT)
+        per_rollout_R = masked_token_mean(f_RxC, tok_RxC)
     else:
-        per_rollout_R = masked_token_sum(f_RxT, tok_RxT) / length_normalizer
+        per_rollout_R = masked_token_sum(f_RxC, tok_RxC) / length_normalizer
     value, n_groups = _group_mean_of_rollouts(per_rollout_R, real_R, inputs.group_ids, num_groups)
     aux["normalizer"] = n_groups
     return value, aux

@@ -23,10 +23,10 @@ from conspo_jax.objectives.sequences import k3_kl, masked_token_mean, token_log_
 
 def _prepare(inputs: ObjectiveInputs, num_groups: int):
     real_R = rollout_validity(inputs.rewards, inputs.rollout_mask)
-    tok_RxT = as_bool(inputs.mask) & real_R[:, None]
+    tok_RxC = as_bool(inputs.mask) & real_R[:, None]
     adv_R = group_advantages(inputs.rewards, inputs.group_ids, num_groups, rollout_mask=real_R)
-    log_ratio_RxT = token_log_ratio(inputs.token_logp, inputs.old_logp, tok_RxT)
-    return real_R, tok_RxT, adv_R.astype(inputs.token_logp.dtype), log_ratio_RxT
+    log_ratio_RxC = token_log_ratio(inputs.token_logp, inputs.old_logp, tok_RxC)
+    return real_R, tok_RxC, adv_R.astype(inputs.token_logp.dtype), log_ratio_RxC
 
 
 @register_objective("gmpo", uses_old_logp=True)
@@ -48,13 +48,13 @@ def gmpo(
     """
     del progress
     check_nonnegative("gmpo", eps_low=eps_low, eps_high=eps_high)
-    real_R, tok_RxT, adv_R, log_ratio_RxT = _prepare(inputs, num_groups)
-    pos_RxT = (adv_R > 0)[:, None]
-    clipped_log_RxT = jnp.where(pos_RxT, jnp.minimum(log_ratio_RxT, eps_high), jnp.maximum(log_ratio_RxT, -eps_low))
-    binds_RxT = jnp.where(pos_RxT, log_ratio_RxT > eps_high, log_ratio_RxT < -eps_low) & (adv_R != 0)[:, None]
-    geo_ratio_R = jnp.exp(masked_token_mean(clipped_log_RxT, tok_RxT))
+    real_R, tok_RxC, adv_R, log_ratio_RxC = _prepare(inputs, num_groups)
+    pos_RxC = (adv_R > 0)[:, None]
+    clipped_log_RxC = jnp.where(pos_RxC, jnp.minimum(log_ratio_RxC, eps_high), jnp.maximum(log_ratio_RxC, -eps_low))
+    binds_RxC = jnp.where(pos_RxC, log_ratio_RxC > eps_high, log_ratio_RxC < -eps_low) & (adv_R != 0)[:, None]
+    geo_ratio_R = jnp.exp(masked_token_mean(clipped_log_RxC, tok_RxC))
     value, n_groups = _group_mean_of_rollouts(adv_R * geo_ratio_R, real_R, inputs.group_ids, num_groups)
-    aux = _token_diagnostics(log_ratio_RxT, binds_RxT, tok_RxT)
+    aux = _token_diagnostics(log_ratio_RxC, binds_RxC, tok_RxC)
     aux["normalizer"] = n_groups
     return value, aux
 
@@ -84,16 +84,16 @@ def cispo(
     """
     del progress
     check_nonnegative("cispo", eps_low=eps_low, eps_high=eps_high)
-    _, tok_RxT, adv_R, log_ratio_RxT = _prepare(inputs, num_groups)
-    ratio_RxT = jnp.exp(log_ratio_RxT)
+    _, tok_RxC, adv_R, log_ratio_RxC = _prepare(inputs, num_groups)
+    ratio_RxC = jnp.exp(log_ratio_RxC)
     lower = jnp.maximum(1.0 - eps_low, 0.0)
-    weight_RxT = jax.lax.stop_gradient(jnp.clip(ratio_RxT, lower, 1.0 + eps_high))
-    truncated_RxT = (ratio_RxT > 1.0 + eps_high) | (ratio_RxT < lower)
-    logp_RxT = jnp.where(tok_RxT, inputs.token_logp, 0.0)
-    term_RxT = jnp.where(tok_RxT, weight_RxT * adv_R[:, None] * logp_RxT, 0.0)
-    n_tok = jnp.sum(tok_RxT.astype(term_RxT.dtype))
-    value = safe_div(jnp.sum(term_RxT), n_tok)
-    aux = _token_diagnostics(log_ratio_RxT, truncated_RxT, tok_RxT)
+    weight_RxC = jax.lax.stop_gradient(jnp.clip(ratio_RxC, lower, 1.0 + eps_high))
+    truncated_RxC = (ratio_RxC > 1.0 + eps_high) | (ratio_RxC < lower)
+    logp_RxC = jnp.where(tok_RxC, inputs.token_logp, 0.0)
+    term_RxC = jnp.where(tok_RxC, weight_RxC * adv_R[:, None] * logp_RxC, 0.0)
+    n_tok = jnp.sum(tok_RxC.astype(term_RxC.dtype))
+    value = safe_div(jnp.sum(term_RxC), n_tok)
+    aux = _token_diagnostics(log_ratio_RxC, truncated_RxC, tok_RxC)
     aux["normalizer"] = jax.lax.stop_gradient(n_tok)
     return value, aux
 
@@ -118,18 +118,18 @@ def sapo(
     """
     del progress
     check_positive("sapo", tau_pos=tau_pos, tau_neg=tau_neg)
-    real_R, tok_RxT, adv_R, log_ratio_RxT = _prepare(inputs, num_groups)
+    real_R, tok_RxC, adv_R, log_ratio_RxC = _prepare(inputs, num_groups)
     tau_R = jnp.where(adv_R > 0, tau_pos, tau_neg).astype(adv_R.dtype)
-    gate_RxT = jax.nn.sigmoid(tau_R[:, None] * (jnp.exp(log_ratio_RxT) - 1.0))
-    term_RxT = (4.0 / tau_R[:, None]) * gate_RxT * adv_R[:, None]
+    gate_RxC = jax.nn.sigmoid(tau_R[:, None] * (jnp.exp(log_ratio_RxC) - 1.0))
+    term_RxC = (4.0 / tau_R[:, None]) * gate_RxC * adv_R[:, None]
     value, n_groups = _group_mean_of_rollouts(
-        masked_token_mean(term_RxT, tok_RxT), real_R, inputs.group_ids, num_groups
+        masked_token_mean(term_RxC, tok_RxC), real_R, inputs.group_ids, num_groups
     )
-    n_tok = jnp.sum(tok_RxT.astype(term_RxT.dtype))
+    n_tok = jnp.sum(tok_RxC.astype(term_RxC.dtype))
     aux = {
         "normalizer": n_groups,
-        "approx_kl": safe_div(jnp.sum(jnp.where(tok_RxT, k3_kl(log_ratio_RxT), 0.0)), n_tok),
-        "soft_gate_weight": safe_div(jnp.sum(jnp.where(tok_RxT, 4.0 * gate_RxT * (1.0 - gate_RxT), 0.0)), n_tok),
+        "approx_kl": safe_div(jnp.sum(jnp.where(tok_RxC, k3_kl(log_ratio_RxC), 0.0)), n_tok),
+        "soft_gate_weight": safe_div(jnp.sum(jnp.where(tok_RxC, 4.0 * gate_RxC * (1.0 - gate_RxC), 0.0)), n_tok),
     }
     return value, aux
 
@@ -152,16 +152,16 @@ def gspo(
     """
     del progress
     check_nonnegative("gspo", eps_low=eps_low, eps_high=eps_high)
-    real_R, tok_RxT, adv_R, log_ratio_RxT = _prepare(inputs, num_groups)
-    seq_ratio_R = jnp.exp(masked_token_mean(log_ratio_RxT, tok_RxT))
+    real_R, tok_RxC, adv_R, log_ratio_RxC = _prepare(inputs, num_groups)
+    seq_ratio_R = jnp.exp(masked_token_mean(log_ratio_RxC, tok_RxC))
     unclipped_R = seq_ratio_R * adv_R
     clipped_R = jnp.clip(seq_ratio_R, 1.0 - eps_low, 1.0 + eps_high) * adv_R
     value, n_groups = _group_mean_of_rollouts(jnp.minimum(unclipped_R, clipped_R), real_R, inputs.group_ids, num_groups)
     n_real = jnp.sum(real_R.astype(adv_R.dtype))
-    n_tok = jnp.sum(tok_RxT.astype(adv_R.dtype))
+    n_tok = jnp.sum(tok_RxC.astype(adv_R.dtype))
     aux = {
         "normalizer": n_groups,
         "clip_frac": safe_div(jnp.sum((real_R & (clipped_R < unclipped_R)).astype(adv_R.dtype)), n_real),
-        "approx_kl": safe_div(jnp.sum(jnp.where(tok_RxT, k3_kl(log_ratio_RxT), 0.0)), n_tok),
+        "approx_kl": safe_div(jnp.sum(jnp.where(tok_RxC, k3_kl(log_ratio_RxC), 0.0)), n_tok),
     }
     return value, aux

@@ -31,15 +31,15 @@ _RESERVED = ("num_groups", "progress")
 class ObjectiveInputs:
     """One (micro-)batch of scored rollouts, flat over R rollouts with T completion-token slots.
 
-    token_logp:   [R, T] f32 log-probs of the completion tokens under the current policy; the only
+    token_logp:   [R, C] f32 log-probs of the completion tokens under the current policy; the only
                   input objectives differentiate.
-    old_logp:     [R, T] log-probs under pi_old (the sampling / pre-update policy); treated as constant.
+    old_logp:     [R, C] log-probs under pi_old (the sampling / pre-update policy); treated as constant.
                   Required by objectives with ``uses_old_logp``.
-    mask:         [R, T] 1 (or True) on completion tokens.
+    mask:         [R, C] 1 (or True) on completion tokens.
     rewards:      [R] verifier rewards.
     group_ids:    [R] int32 prompt index of each rollout, in [0, num_groups).
     rollout_mask: [R] 1 on real rollouts, 0 on padding rollouts; None means all real.
-    ref_logp:     [R, T] log-probs under the reference policy (KL terms); None when unused.
+    ref_logp:     [R, C] log-probs under the reference policy (KL terms); None when unused.
     """
 
     token_logp: jax.Array
@@ -63,7 +63,7 @@ def validate_inputs(inputs: ObjectiveInputs, num_groups: int, objective: str) ->
         raise ValueError(f"num_groups must be a positive Python int (it is static), got {num_groups!r}")
     logp = inputs.token_logp
     if logp.ndim != 2:
-        raise ValueError(f"inputs.token_logp must be [R, T], got shape {logp.shape}")
+        raise ValueError(f"inputs.token_logp must be [R, C], got shape {logp.shape}")
     num_rollouts = logp.shape[0]
     for field in ("mask", "old_logp", "ref_logp"):
         value = getattr(inputs, field)

@@ -12,27 +12,27 @@ import jax.numpy as jnp
 from conspo_jax.objectives.segments import as_bool, safe_div
 
 
-def response_lengths(mask_RxT: jax.Array, dtype=jnp.float32) -> jax.Array:
+def response_lengths(mask_RxC: jax.Array, dtype=jnp.float32) -> jax.Array:
     """[R] number of completion tokens, |o_i|."""
-    return jnp.sum(as_bool(mask_RxT), axis=-1).astype(dtype)
+    return jnp.sum(as_bool(mask_RxC), axis=-1).astype(dtype)
 
 
-def masked_token_sum(x_RxT: jax.Array, mask_RxT: jax.Array) -> jax.Array:
+def masked_token_sum(x_RxC: jax.Array, mask_RxC: jax.Array) -> jax.Array:
     """[R] sum over completion tokens."""
-    return jnp.sum(jnp.where(as_bool(mask_RxT), x_RxT, 0.0), axis=-1)
+    return jnp.sum(jnp.where(as_bool(mask_RxC), x_RxC, 0.0), axis=-1)
 
 
-def masked_token_mean(x_RxT: jax.Array, mask_RxT: jax.Array) -> jax.Array:
+def masked_token_mean(x_RxC: jax.Array, mask_RxC: jax.Array) -> jax.Array:
     """[R] mean over completion tokens, (1/|o_i|) sum_t x_it; 0 for a zero-length response."""
-    return safe_div(masked_token_sum(x_RxT, mask_RxT), response_lengths(mask_RxT, x_RxT.dtype))
+    return safe_div(masked_token_sum(x_RxC, mask_RxC), response_lengths(mask_RxC, x_RxC.dtype))
 
 
 def sequence_scores(token_logp: jax.Array, mask: jax.Array) -> jax.Array:
     """ConSPO's likelihood-aligned score (Sec. 4.2): s(o) = (1/|o|) sum_t log pi(o_t | q, o_<t).
 
     Args:
-      token_logp: [R, T] log-probs of the completion tokens under the policy being scored.
-      mask: [R, T] 1 (or True) on completion tokens.
+      token_logp: [R, C] log-probs of the completion tokens under the policy being scored.
+      mask: [R, C] 1 (or True) on completion tokens.
 
     Returns:
       [R] length-normalised log-probabilities; 0 (not NaN) for a zero-length response.
@@ -40,17 +40,17 @@ def sequence_scores(token_logp: jax.Array, mask: jax.Array) -> jax.Array:
     return masked_token_mean(token_logp, mask)
 
 
-def token_log_ratio(new_logp_RxT: jax.Array, old_logp_RxT: jax.Array, mask_RxT: jax.Array) -> jax.Array:
-    """[R, T] log rho_it = log pi_theta - log pi_old, with pi_old constant and 0 on padding."""
-    old = jax.lax.stop_gradient(old_logp_RxT)
-    mask = as_bool(mask_RxT)
-    return jnp.where(mask, new_logp_RxT - jnp.where(mask, old, 0.0), 0.0)
+def token_log_ratio(new_logp_RxC: jax.Array, old_logp_RxC: jax.Array, mask_RxC: jax.Array) -> jax.Array:
+    """[R, C] log rho_it = log pi_theta - log pi_old, with pi_old constant and 0 on padding."""
+    old = jax.lax.stop_gradient(old_logp_RxC)
+    mask = as_bool(mask_RxC)
+    return jnp.where(mask, new_logp_RxC - jnp.where(mask, old, 0.0), 0.0)
 
 
 def clipped_ratio_scores(
-    new_logp_RxT: jax.Array,
-    old_logp_RxT: jax.Array,
-    mask_RxT: jax.Array,
+    new_logp_RxC: jax.Array,
+    old_logp_RxC: jax.Array,
+    mask_RxC: jax.Array,
     is_positive_R: jax.Array,
     *,
     eps_low: float,
@@ -62,17 +62,17 @@ def clipped_ratio_scores(
     s- = mean_t max(rho_t, 1 - eps_low). These are the scores that Proposition 1 shows GRPO's clipped
     surrogate separates, and that the "w/o log-likelihood scores" ablation feeds to InfoNCE.
     """
-    ratio_RxT = jnp.exp(token_log_ratio(new_logp_RxT, old_logp_RxT, mask_RxT))
-    pos_RxT = jnp.minimum(ratio_RxT, 1.0 + eps_high)
-    neg_RxT = jnp.maximum(ratio_RxT, 1.0 - eps_low)
-    clipped_RxT = jnp.where(is_positive_R[:, None], pos_RxT, neg_RxT)
-    return masked_token_mean(clipped_RxT, mask_RxT)
+    ratio_RxC = jnp.exp(token_log_ratio(new_logp_RxC, old_logp_RxC, mask_RxC))
+    pos_RxC = jnp.minimum(ratio_RxC, 1.0 + eps_high)
+    neg_RxC = jnp.maximum(ratio_RxC, 1.0 - eps_low)
+    clipped_RxC = jnp.where(is_positive_R[:, None], pos_RxC, neg_RxC)
+    return masked_token_mean(clipped_RxC, mask_RxC)
 
 
-def k3_kl(log_ratio_RxT: jax.Array) -> jax.Array:
+def k3_kl(log_ratio_RxC: jax.Array) -> jax.Array:
     """Per-token k3 estimate of KL(p || q) from samples of p, given log(q/p): e^x - 1 - x >= 0.
 
     Schulman's low-variance estimator; with x = log(pi_theta/pi_old) on pi_old samples it estimates
     KL(pi_old || pi_theta); with x = log(pi_ref/pi_theta) it is GRPO's Eq. 4 (DeepSeekMath) penalty.
     """
-    return jnp.exp(log_ratio_RxT) - 1.0 - log_ratio_RxT
+    return jnp.exp(log_ratio_RxC) - 1.0 - log_ratio_RxC

@@ -46,9 +46,9 @@ class SamplingParams:
 class Rollouts:
     """P prompts x n samples, flattened prompt-major: row ``p * n + k`` is sample k of prompt p.
 
-    completion_ids_RxT: int32, right-padded with ``pad_id``; R = P * n.
+    completion_ids_RxC: int32, right-padded with ``pad_id``; R = P * n.
     completion_lens_R:  int32, number of valid completion tokens per row (EOS included).
-    logprobs_RxT:       float32, the sampling distribution's log-prob of each token (0 on padding).
+    logprobs_RxC:       float32, the sampling distribution's log-prob of each token (0 on padding).
     finish_reasons:     one of FINISH_STOP / FINISH_LENGTH per row.
     group_ids_R:        int32, the prompt index p of each row.
     weight_version:     version of the weights that produced these samples (sidecar staleness).
@@ -56,9 +56,9 @@ class Rollouts:
                         does), else None and the trainer scores the rows itself.
     """
 
-    completion_ids_RxT: np.ndarray
+    completion_ids_RxC: np.ndarray
     completion_lens_R: np.ndarray
-    logprobs_RxT: np.ndarray
+    logprobs_RxC: np.ndarray
     finish_reasons: list[str]
     group_ids_R: np.ndarray
     weight_version: int = 0
@@ -67,14 +67,14 @@ class Rollouts:
 
     @property
     def num_rows(self) -> int:
-        return int(self.completion_ids_RxT.shape[0])
+        return int(self.completion_ids_RxC.shape[0])
 
     def completions(self) -> list[list[int]]:
         """The valid token ids of every row, as python lists."""
-        return [row[:n].tolist() for row, n in zip(self.completion_ids_RxT, self.completion_lens_R)]
+        return [row[:n].tolist() for row, n in zip(self.completion_ids_RxC, self.completion_lens_R)]
 
-    def completion_mask_RxT(self) -> np.ndarray:
-        t = np.arange(self.completion_ids_RxT.shape[1])[None, :]
+    def completion_mask_RxC(self) -> np.ndarray:
+        t = np.arange(self.completion_ids_RxC.shape[1])[None, :]
         return t < self.completion_lens_R[:, None]
 
 

@@ -25,8 +25,8 @@ _MAX_STOP_IDS = 8
 def _decode(
     graphdef,
     state,
-    prompt_RxP,
-    prompt_mask_RxP,
+    prompt_RxQ,
+    prompt_mask_RxQ,
     key,
     temperature,
     top_p,
@@ -40,26 +40,26 @@ def _decode(
     from conspo_jax.models import forward_cached, init_kv_cache, policy_logits
 
     policy = nnx.merge(graphdef, state)
-    rows, plen = prompt_RxP.shape
+    rows, plen = prompt_RxQ.shape
     slots = plen + max_new
     cache = init_kv_cache(policy.config, rows, slots, dtype=cache_dtype)
-    kv_mask_RxS = jnp.zeros((rows, slots), bool).at[:, :plen].set(prompt_mask_RxP.astype(bool))
-    positions_RxP = jnp.maximum(jnp.cumsum(prompt_mask_RxP, axis=-1) - 1, 0).astype(jnp.int32)
-    h_RxPxD, cache = forward_cached(policy, prompt_RxP, positions_RxP, cache, jnp.int32(0), kv_mask_RxS)
-    logits_RxV = policy_logits(policy, h_RxPxD[:, -1:])[:, 0]
-    next_pos_R = positions_RxP[:, -1] + 1
+    kv_mask_RxS = jnp.zeros((rows, slots), bool).at[:, :plen].set(prompt_mask_RxQ.astype(bool))
+    positions_RxQ = jnp.maximum(jnp.cumsum(prompt_mask_RxQ, axis=-1) - 1, 0).astype(jnp.int32)
+    h_RxQxD, cache = forward_cached(policy, prompt_RxQ, positions_RxQ, cache, jnp.int32(0), kv_mask_RxS)
+    logits_RxV = policy_logits(policy, h_RxQxD[:, -1:])[:, 0]
+    next_pos_R = positions_RxQ[:, -1] + 1
 
     def cond(carry):
         i, *_, done_R, _ = carry
         return (i < max_new) & ~jnp.all(done_R)
 
     def body(carry):
-        i, cache, logits_RxV, key, ids_RxN, logp_RxN, lens_R, kv_mask_RxS, pos_R, done_R, stopped_R = carry
+        i, cache, logits_RxV, key, ids_RxC, logp_RxC, lens_R, kv_mask_RxS, pos_R, done_R, stopped_R = carry
         key, sub = jax.random.split(key)
         tok_R, logp_R = sample_tokens(logits_RxV, sub, temperature, top_p, top_k)
         tok_R = jnp.where(done_R, pad_id, tok_R)
-        ids_RxN = jax.lax.dynamic_update_slice(ids_RxN, tok_R[:, None], (0, i))
-        logp_RxN = jax.lax.dynamic_update_slice(logp_RxN, jnp.where(done_R, 0.0, logp_R)[:, None], (0, i))
+        ids_RxC = jax.lax.dynamic_update_slice(ids_RxC, tok_R[:, None], (0, i))
+        logp_RxC = jax.lax.dynamic_update_slice(logp_RxC, jnp.where(done_R, 0.0, logp_R)[:, None], (0, i))
         lens_R = lens_R + (~done_R).astype(jnp.int32)
         hit_R = jnp.any(tok_R[:, None] == stop_ids[None, :], axis=-1) & ~done_R
         stopped_R = stopped_R | hit_R
@@ -67,7 +67,7 @@ def _decode(
         kv_mask_RxS = jax.lax.dynamic_update_slice(kv_mask_RxS, jnp.ones((rows, 1), bool), (0, plen + i))
         h_Rx1xD, cache = forward_cached(policy, tok_R[:, None], pos_R[:, None], cache, plen + i, kv_mask_RxS)
         logits_RxV = policy_logits(policy, h_Rx1xD)[:, 0]
-        return i + 1, cache, logits_RxV, key, ids_RxN, logp_RxN, lens_R, kv_mask_RxS, pos_R + 1, done_R, stopped_R
+        return i + 1, cache, logits_RxV, key, ids_RxC, logp_RxC, lens_R, kv_mask_RxS, pos_R + 1, done_R, stopped_R
 
     carry = (
         jnp.int32(0),
@@ -83,8 +83,8 @@ def _decode(
         jnp.zeros((rows,), bool),
     )
     out = jax.lax.while_loop(cond, body, carry)
-    ids_RxN, logp_RxN, lens_R, stopped_R = out[4], out[5], out[6], out[10]
-    return ids_RxN, logp_RxN, lens_R, stopped_R
+    ids_RxC, logp_RxC, lens_R, stopped_R = out[4], out[5], out[6], out[10]
+    return ids_RxC, logp_RxC, lens_R, stopped_R
 
 
 class JaxEngine(RolloutEngine):
@@ -149,15 +149,15 @@ class JaxEngine(RolloutEngine):
         stop_ids[: len(stop)] = stop
         plen = -(-max(map(len, prompts)) // self.bucket) * self.bucket
         rows = len(prompts) * params.n
-        prompt_RxP = np.full((rows, plen), self.pad_id, np.int32)
-        mask_RxP = np.zeros((rows, plen), np.int32)
+        prompt_RxQ = np.full((rows, plen), self.pad_id, np.int32)
+        mask_RxQ = np.zeros((rows, plen), np.int32)
         for p, toks in enumerate(prompts):
-            prompt_RxP[p * params.n : (p + 1) * params.n, plen - len(toks) :] = toks
-            mask_RxP[p * params.n : (p + 1) * params.n, plen - len(toks) :] = 1
+            prompt_RxQ[p * params.n : (p + 1) * params.n, plen - len(toks) :] = toks
+            mask_RxQ[p * params.n : (p + 1) * params.n, plen - len(toks) :] = 1
         ids, logp, lens, stopped = self._fn(params.max_new_tokens)(
             self.state,
-            self._place(prompt_RxP),
-            self._place(mask_RxP),
+            self._place(prompt_RxQ),
+            self._place(mask_RxQ),
             jax.random.key(params.seed),
             jnp.float32(params.temperature),
             jnp.float32(params.top_p),
@@ -166,9 +166,9 @@ class JaxEngine(RolloutEngine):
         )
         ids, logp, lens, stopped = jax.device_get((ids, logp, lens, stopped))
         return Rollouts(
-            completion_ids_RxT=np.asarray(ids, np.int32),
+            completion_ids_RxC=np.asarray(ids, np.int32),
             completion_lens_R=np.asarray(lens, np.int32),
-            logprobs_RxT=np.asarray(logp, np.float32),
+            logprobs_RxC=np.asarray(logp, np.float32),
             finish_reasons=[FINISH_STOP if s else FINISH_LENGTH for s in stopped],
             group_ids_R=np.repeat(np.arange(len(prompts), dtype=np.int32), params.n),
             weight_version=self.version,

@@ -50,8 +50,8 @@ def groups_from_rollouts(rollouts: Rollouts, prompt_ids: Sequence[str], n: int) 
             length = int(rollouts.completion_lens_R[r])
             samples.append(
                 pb.Sample(
-                    completion_ids=rollouts.completion_ids_RxT[r, :length].tolist(),
-                    token_logprobs=rollouts.logprobs_RxT[r, :length].tolist(),
+                    completion_ids=rollouts.completion_ids_RxC[r, :length].tolist(),
+                    token_logprobs=rollouts.logprobs_RxC[r, :length].tolist(),
                     finish_reason=_FINISH_TO_PB[rollouts.finish_reasons[r]],
                 )
             )
@@ -85,9 +85,9 @@ def rollouts_from_groups(groups: Sequence[pb.Group], n: int, *, pad_id: int = 0)
     except KeyError as e:
         raise ValueError(f"sample has finish_reason={e.args[0]}, expected STOP or LENGTH") from None
     return Rollouts(
-        completion_ids_RxT=ids,
+        completion_ids_RxC=ids,
         completion_lens_R=lens,
-        logprobs_RxT=logp,
+        logprobs_RxC=logp,
         finish_reasons=reasons,
         group_ids_R=np.repeat(np.arange(len(groups), dtype=np.int32), n),
         weight_version=min((int(g.weight_version) for g in groups), default=0),

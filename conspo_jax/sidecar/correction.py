@@ -5,7 +5,7 @@ exactly the trainer's log-probs for the same tokens. ``logprob_mismatch`` measur
 ``tis_weights`` gives per-token truncated importance weights ``min(pi_trainer / pi_engine, cap)`` that
 re-weight the policy-gradient terms so that samples from the engine's distribution estimate the
 trainer's (truncated IS, as in Yao et al., 2025, "Your efficient RL framework secretly brings you
-off-policy RL training"). Both are jit-able and work on numpy or jax arrays of shape [R, T].
+off-policy RL training"). Both are jit-able and work on numpy or jax arrays of shape [R, C].
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def trainer_logprobs(policy, prompts, rollouts):
     from conspo_jax.train.step import completion_logprobs
 
     prompt_len = max(map(len, prompts))
-    width = rollouts.completion_ids_RxT.shape[1]
+    width = rollouts.completion_ids_RxC.shape[1]
     batch = build_rl_batch(
         prompts,
         rollouts,
@@ -174,16 +174,16 @@ def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: fl
             t0 = time.perf_counter()
             ro = client.generate(prompts, params, answers=answers)
             out["generate_s"] = round(time.perf_counter() - t0, 3)
-            mask = ro.completion_mask_RxT()
+            mask = ro.completion_mask_RxC()
             assert ro.num_rows == len(prompts) * params.n, ro.num_rows
-            assert np.all(np.isfinite(ro.logprobs_RxT)) and np.all(ro.logprobs_RxT[mask] <= 1e-6)
+            assert np.all(np.isfinite(ro.logprobs_RxC)) and np.all(ro.logprobs_RxC[mask] <= 1e-6)
             assert set(np.unique(ro.rewards_R).tolist()) <= {0.0, 1.0}
             comps = ro.completions()
             distinct = [len({tuple(c) for c in comps[p * params.n : (p + 1) * params.n]}) for p in range(len(prompts))]
             assert min(distinct) > 1, f"samples of a group are identical (seeds not distinct?): {distinct}"
             out["tokens"] = int(mask.sum())
             out["init_mismatch_mean"] = float(
-                logprob_mismatch(trainer_logprobs(init_policy_, prompts, ro), ro.logprobs_RxT, mask)
+                logprob_mismatch(trainer_logprobs(init_policy_, prompts, ro), ro.logprobs_RxC, mask)
             )
 
             t0 = time.perf_counter()
@@ -192,10 +192,10 @@ def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: fl
             assert client.health().weight_version == 1
             assert sorted(os.listdir(weights_dir)) == ["v000001"], os.listdir(weights_dir)
             ro = client.generate(prompts, params, answers=answers)
-            mask = ro.completion_mask_RxT()
+            mask = ro.completion_mask_RxC()
             assert ro.weight_version == 1
-            new = float(logprob_mismatch(trainer_logprobs(trainer_policy, prompts, ro), ro.logprobs_RxT, mask))
-            old = float(logprob_mismatch(trainer_logprobs(init_policy_, prompts, ro), ro.logprobs_RxT, mask))
+            new = float(logprob_mismatch(trainer_logprobs(trainer_policy, prompts, ro), ro.logprobs_RxC, mask))
+            old = float(logprob_mismatch(trainer_logprobs(init_policy_, prompts, ro), ro.logprobs_RxC, mask))
             out.update(pushed_mismatch_mean=new, pushed_vs_old_weights_mismatch_mean=old)
             assert new <= tolerance, f"mean |Δ logp| {new} after the push exceeds {tolerance}"
             assert old > 10 * max(new, 1e-6), f"the push did not change the engine's weights ({old} vs {new})"

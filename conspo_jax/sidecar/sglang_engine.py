@@ -114,17 +114,17 @@ class SGLangEngine(RolloutEngine):
             rows.append(ids)
             logps.append(lps)
         width = max([1, *map(len, rows)])
-        ids_RxT = np.full((len(rows), width), self.pad_id, np.int32)
-        logp_RxT = np.zeros((len(rows), width), np.float32)
+        ids_RxC = np.full((len(rows), width), self.pad_id, np.int32)
+        logp_RxC = np.zeros((len(rows), width), np.float32)
         lens_R = np.zeros(len(rows), np.int32)
         for i, (toks, lps) in enumerate(zip(rows, logps)):
-            ids_RxT[i, : len(toks)] = toks
-            logp_RxT[i, : len(toks)] = lps
+            ids_RxC[i, : len(toks)] = toks
+            logp_RxC[i, : len(toks)] = lps
             lens_R[i] = len(toks)
         return Rollouts(
-            ids_RxT,
+            ids_RxC,
             lens_R,
-            logp_RxT,
+            logp_RxC,
             reasons,
             np.repeat(np.arange(len(prompts), dtype=np.int32), n),
             weight_version=self.version,

@@ -29,9 +29,9 @@ def build_rl_batch(prompts, rollouts, rewards_R, *, prompt_len: int, completion_
         m = min(int(rollouts.completion_lens_R[r]), completion_len)
         ids[r, prompt_len - len(prompt) : prompt_len] = prompt
         attn[r, prompt_len - len(prompt) : prompt_len + m] = 1
-        ids[r, prompt_len : prompt_len + m] = rollouts.completion_ids_RxT[r, :m]
+        ids[r, prompt_len : prompt_len + m] = rollouts.completion_ids_RxC[r, :m]
         cmask[r, :m] = 1.0
-        engine_logp[r, :m] = rollouts.logprobs_RxT[r, :m]
+        engine_logp[r, :m] = rollouts.logprobs_RxC[r, :m]
     return {
         "input_ids": ids,
         "attention_mask": attn,
