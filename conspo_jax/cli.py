@@ -10,6 +10,7 @@ import sys
 
 from absl import flags
 
+from conspo_jax import logs
 from conspo_jax.configs import UsageError, parse_command_line, stderr_line
 
 USAGE = """usage: conspo COMMAND --config path/to/experiment.py[:arg] [--config.key=value ...] [options]
@@ -39,6 +40,10 @@ def _sidecar_flags(fv):
     flags.DEFINE_string("host", None, "Bind address (default 127.0.0.1).", flag_values=fv)
 
 
+# Each command imports its own stack inside its runner: `conspo --help` and a bad flag answer without
+# loading JAX, and the sidecar never imports the trainer.
+
+
 def _run_train(fv):
     from conspo_jax.train.trainer import train
 
@@ -49,7 +54,7 @@ def _run_train(fv):
 
 
 def _run_eval(fv):
-    from conspo_jax.evals.runner import run_eval_command
+    from conspo_jax.evals.command import run_eval_command
 
     if bool(fv.checkpoint) == bool(fv.hf):
         raise UsageError("eval needs exactly one of --checkpoint DIR or --hf PATH")
@@ -83,6 +88,7 @@ def main(argv=None) -> int:
         stderr_line(f"conspo: unknown command {command!r} (expected one of {', '.join(COMMANDS)})")
         return 2
     define, run = COMMANDS[command]
+    logs.console()
     try:
         fv = parse_command_line([f"conspo {command}", *argv[2:]], define)
         return run(fv)

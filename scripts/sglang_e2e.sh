@@ -4,7 +4,7 @@
 # Starts `python -m conspo_jax.sidecar --engine sglang` on 127.0.0.1 over a tiny random Qwen2
 # checkpoint (built locally, nothing is downloaded), then as the trainer would: streams verified
 # groups, pushes new weights as safetensors, and checks that SGLang's log-probs of its own tokens
-# match the JAX policy's (mean |Δ logp| is printed). See conspo_jax/sidecar/sglang_check.py.
+# match the JAX policy's (mean |Δ logp| is printed). See scripts/sglang_check.py.
 #
 #   pip install -e '.[sglang]'        # on a CUDA machine
 #   scripts/sglang_e2e.sh [--sglang-kwargs '{"mem_fraction_static": 0.2}'] [--tolerance 0.05]
@@ -22,7 +22,7 @@ SGLang ships CUDA-only wheels, so this check runs on a GPU machine:
     pip install -e '.[sglang]'
     scripts/sglang_e2e.sh
 On a CPU machine the same protocol is exercised with the JAX engine instead:
-    $PY -m conspo_jax.sidecar.sglang_check --engine jax
+    $PY "$(dirname "$0")/sglang_check.py" --engine jax
 and by the test suite (tests/test_sidecar_*.py), which drives SGLangEngine through a stand-in
 object with sglang.Engine's method signatures.
 MSG
@@ -30,4 +30,4 @@ MSG
 fi
 
 "$PY" -c "import sglang; print('sglang', sglang.__version__)"
-exec "$PY" -m conspo_jax.sidecar.sglang_check --engine sglang "$@"
+exec "$PY" "$(dirname "$0")/sglang_check.py" --engine sglang "$@"

@@ -13,7 +13,7 @@ from conspo_jax.configs import load_config_module
 from conspo_jax.rollout.engine import SamplingParams
 from conspo_jax.sidecar.client import SidecarClient
 from conspo_jax.sidecar.server import SidecarOptions, serve
-from conspo_jax.sidecar.sglang_check import trainer_logprobs
+from conspo_jax.train.step import trainer_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "arith_tiny.py") + ":smoke"
@@ -27,15 +27,15 @@ def smoke_config():
 
 
 def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):
-    from conspo_jax.train import setup
+    from conspo_jax import build
 
     config = smoke_config()
     srv = serve(
         config, engine_name="jax", cache_dtype=jnp.float32, options=SidecarOptions(weights_dir=str(tmp_path), workers=0)
     )
     try:
-        tokenizer = setup.build_tokenizer(config)
-        task = setup.build_task(config, tokenizer)
+        tokenizer = build.build_tokenizer(config)
+        task = build.build_task(config, tokenizer)
         # The trainer's policy: the sidecar's initial weights, perturbed (cheaper than a second init).
         engine = srv.servicer.handle.engine
 
@@ -52,12 +52,12 @@ def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):
             temperature=1.0,
             max_new_tokens=8,
             seed=5,
-            stop_token_ids=setup.stop_token_ids(tokenizer, policy.config),
+            stop_token_ids=build.stop_token_ids(tokenizer, policy.config),
         )
-        with SidecarClient(srv.target, weights=str(tmp_path)) as client:
+        with SidecarClient(srv.target, weights=str(tmp_path), graphdef=engine.graphdef) as client:
             before = client.generate(prompts, params)
             compiled = dict(engine._compiled)
-            client.update_weights(policy, 1)
+            client.sync(nnx.state(policy), 1)
             after = client.generate(prompts, params)
         mask = after.completion_mask_RxC()
         assert engine._compiled == compiled  # same architecture: the push swapped arrays, no recompile

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from conspo_jax.rollout.engine import SamplingParams
+from conspo_jax.rollout.sglang_engine import SGLangEngine, sample_seed
 from conspo_jax.sidecar.engines import EngineHandle
-from conspo_jax.sidecar.sglang_engine import SGLangEngine, sample_seed
 
 
 class StandInSGLangEngine:
@@ -141,13 +141,13 @@ def test_aborted_or_mismatched_outputs_raise():
 def test_weights_update_from_disk_then_flush_cache():
     fake = StandInSGLangEngine()
     engine = SGLangEngine(engine=fake)
-    engine.load_weights_from_path("/dev/shm/w/v000002", 2)
+    engine.sync("/dev/shm/w/v000002", 2)
     assert fake.calls == [("update_weights_from_disk", "/dev/shm/w/v000002"), ("flush_cache",)]
     assert engine.version == 2
     bad = StandInSGLangEngine(update_ok=False)
     engine = SGLangEngine(engine=bad)
     with pytest.raises(RuntimeError, match="bad checkpoint"):
-        engine.load_weights_from_path("/x", 5)
+        engine.sync("/x", 5)
     assert engine.version == 0 and ("flush_cache",) not in bad.calls
     engine.close()
     assert bad.calls[-1] == ("shutdown",)
@@ -162,7 +162,7 @@ def test_served_through_the_sidecar(tmp_path):
     engine = SGLangEngine(engine=fake)
     (tmp_path / "v000001").mkdir()
     srv = serve(
-        handle=EngineHandle("sglang", engine, engine.load_weights_from_path),
+        handle=EngineHandle("sglang", engine),
         options=SidecarOptions(weights_dir=str(tmp_path), workers=0),
     )
     try:

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conspo_jax.objectives.correction import logprob_mismatch, mismatch_metrics, tis_weights
 from conspo_jax.sidecar.client import SidecarClient, SidecarError
-from conspo_jax.sidecar.correction import logprob_mismatch, mismatch_metrics, tis_weights
 from conspo_jax.sidecar.engines import build_engine
 from conspo_jax.sidecar.server import SidecarOptions, serve
 from conspo_jax.sidecar.weights import WeightStore, default_weights_dir, resolve_inside, version_dirname
@@ -67,15 +67,15 @@ def test_old_versions_are_deleted_once_a_newer_one_is_acknowledged(tmp_path):
     try:
         store = WeightStore(str(tmp_path), saver=fake_saver)
         with SidecarClient(srv.target, weights=store) as client:
-            client.update_weights("p1", 1)
+            client.push_policy("p1", 1)
             assert store.versions() == [1] and client.health().weight_version == 1
             store.export("p2", 2)  # exported but not yet acknowledged: both must still exist
             assert store.versions() == [1, 2]
-            client.update_weights("p3", 3)
+            client.push_policy("p3", 3)
             assert store.versions() == [3] and client.version == 3 and client.health().weight_version == 3
             srv.stop(grace=0)
             with pytest.raises(SidecarError):  # no acknowledgement: nothing is deleted
-                SidecarClient(srv.target, weights=store, max_retries=0, deadline_s=0.5).update_weights("p4", 4)
+                SidecarClient(srv.target, weights=store, max_retries=0, deadline_s=0.5).push_policy("p4", 4)
             assert store.versions() == [3, 4]
     finally:
         srv.stop(grace=0)

@@ -87,7 +87,13 @@ def arith_target(answer: str) -> str:
     return f"{BOXED}{answer}}}"
 
 
-def arith_reward(response: str, answer: str) -> float:
-    """1.0 if the last ``\\boxed{n}`` equals the integer answer, else 0.0. Never evaluates the text."""
+def arith_extract(response: str) -> str | None:
+    """The integer in the last ``\\boxed{n}`` of the response's tail, or None. Never evaluates the text."""
     found = _BOX_RE.findall(response[-256:])
-    return float(bool(found) and found[-1] == str(answer).strip())
+    return found[-1] if found else None
+
+
+def arith_reward(response: str, answer: str) -> float:
+    """1.0 if the last ``\\boxed{n}`` equals the integer answer, else 0.0."""
+    got = arith_extract(response)
+    return float(got is not None and got == str(answer).strip())

@@ -10,12 +10,11 @@ them in the reward pool while the engine samples the next chunk, and writes ``re
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import json
 import os
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -85,6 +84,9 @@ def evaluate(
     rows_per_call: int = 256,
     stop_token_ids: Sequence[int] | None = None,
     progress: bool = True,
+    encode: Callable[[dict], list] | None = None,
+    verify: Callable[[list, list], list] | None = None,
+    chunk_seed: Callable[[str, int], int] | None = None,
 ) -> dict:
     """Evaluates ``engine`` on ``benchmarks`` and returns the results dict (also written to out_dir).
 
@@ -95,6 +97,11 @@ def evaluate(
     rows_per_call: completions per engine call (prompts per call = max(1, rows_per_call // k)); the
                    last chunk is padded with repeats so a compiled sampler sees one shape.
     pool:          a ``RewardPool`` to verify with (default: a private one, closed at the end).
+    encode:        record -> prompt token ids (default: the paper's math prompt, ``encode_prompt``).
+    verify:        (texts, answers) -> one ``Verdict`` each (default: ``pool.verify``, math-verify).
+                   A training task passes its own ``encode`` / ``verify`` (``conspo_jax.build.Task``).
+    chunk_seed:    (benchmark, first problem index) -> the sampling seed of that engine call
+                   (default: a hash of ``seed``, the benchmark name and the index).
     """
     from tqdm.auto import tqdm
 
@@ -103,8 +110,11 @@ def evaluate(
     items = _resolve(benchmarks, data_dir, limit)
     stop = tuple(stop_token_ids) if stop_token_ids is not None else _eos_ids(tokenizer)
     os.makedirs(out_dir, exist_ok=True)
-    own_pool = pool is None
-    pool = pool or RewardPool()
+    encode = encode or (lambda rec: encode_prompt(rec["problem"], tokenizer))
+    chunk_seed = chunk_seed or (lambda name, start: (seed * 1_000_003 + zlib.crc32(name.encode()) + start) % 2**31)
+    own_pool = verify is None and pool is None
+    pool = pool or (RewardPool() if own_pool else None)
+    verify = verify or pool.verify
     verifier = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="conspo-verify")
     results: dict = {
         "label": label,
@@ -135,9 +145,10 @@ def evaluate(
                     temperature=temperature,
                     top_p=top_p,
                     max_new_tokens=max_new_tokens,
-                    seed=seed,
                     stop=stop,
-                    pool=pool,
+                    encode=encode,
+                    verify=verify,
+                    chunk_seed=chunk_seed,
                     verifier=verifier,
                     rows_per_call=rows_per_call,
                     samples_f=samples_f,
@@ -172,16 +183,17 @@ def _run_benchmark(
     temperature,
     top_p,
     max_new_tokens,
-    seed,
     stop,
-    pool,
+    encode,
+    verify,
+    chunk_seed,
     verifier,
     rows_per_call,
     samples_f,
     bar,
 ) -> dict:
     t0 = time.time()
-    prompts = [encode_prompt(r["problem"], tokenizer) for r in records]
+    prompts = [encode(r) for r in records]
     per_call = max(1, rows_per_call // k)
     correct = np.zeros((len(records), k), bool)
     stats = {"truncated": 0, "no_box": 0, "timeouts": 0, "tokens": 0}
@@ -232,7 +244,7 @@ def _run_benchmark(
                 top_p=top_p,
                 max_new_tokens=max_new_tokens,
                 stop_token_ids=stop,
-                seed=(seed * 1_000_003 + zlib.crc32(name.encode()) + start) % 2**31,
+                seed=chunk_seed(name, start),
             )
             out = engine.generate(chunk, params)
             rows = real * k
@@ -246,7 +258,7 @@ def _run_benchmark(
                 texts,
                 lens,
                 reasons,
-                verifier.submit(pool.verify, texts, answers),
+                verifier.submit(verify, texts, answers),
             )
             if pending is not None:
                 finish(pending)  # verify chunk i while the engine samples chunk i + 1
@@ -269,74 +281,3 @@ def _run_benchmark(
         "mean_response_tokens": stats["tokens"] / n_samples,
         "seconds": round(time.time() - t0, 2),
     }
-
-
-def run_eval_command(
-    config,
-    *,
-    checkpoint: str | None = None,
-    hf: str | None = None,
-    benchmarks: Sequence[str] | None = None,
-    workdir: str,
-) -> dict:
-    """``conspo eval``: loads the policy (an HF directory or a trainer checkpoint), builds the JAX engine
-    and runs ``evaluate`` with the config's ``eval`` section. Results go to ``workdir``."""
-    from conspo_jax.configs import UsageError
-    from conspo_jax.rollout.jax_engine import JaxEngine
-    from conspo_jax.train import setup
-
-    if bool(checkpoint) == bool(hf):
-        raise UsageError("eval needs exactly one of --checkpoint DIR or --hf PATH")
-    e = config.eval
-    names = list(benchmarks or [b for b in str(e.benchmarks).split(",") if b])
-    for b in names:
-        if not os.path.isfile(b) and not b.startswith("hf:"):
-            try:
-                math_data.benchmark_spec(b)
-            except ValueError as err:
-                raise UsageError(f"--benchmarks: {err}") from None
-    mesh = setup.build_mesh(config)
-    if hf:
-        if not os.path.isdir(hf):
-            raise UsageError(f"--hf: no such checkpoint directory {hf!r}")
-        config = copy.deepcopy(config)  # the run's own model settings (dtype, remat), these weights
-        config.model.path, config.model.random_init = hf, False
-        tokenizer = setup.build_tokenizer(config)  # config.tokenizer if set, else the one in --hf
-        policy = setup.build_policy(config, tokenizer, mesh, seed=config.seed)
-    else:
-        try:
-            from conspo_jax.train.checkpoint import load_policy_for_eval
-        except ImportError:
-            raise UsageError(
-                "--checkpoint is not wired yet (needs conspo_jax.train.checkpoint."
-                "load_policy_for_eval); export the checkpoint to HF and use --hf"
-            ) from None
-        tokenizer = setup.build_tokenizer(config)
-        policy = load_policy_for_eval(config, checkpoint, tokenizer=tokenizer, mesh=mesh)
-    stop = setup.stop_token_ids(tokenizer, policy.config)
-    engine = JaxEngine(
-        policy,
-        eos_token_ids=stop,
-        pad_id=tokenizer.pad_token_id or 0,
-        mesh=mesh,
-        prompt_bucket=config.rollout.prompt_bucket,
-    )
-    k = int(e.get("k", 0) or 0)  # 0: the paper's protocol (32 samples on AIME / HMMT / AMC, else 1)
-    results = evaluate(
-        engine,
-        tokenizer,
-        names,
-        out_dir=workdir,
-        max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
-        k_overrides=k or None,
-        temperature=e.temperature,
-        top_p=e.top_p,
-        seed=config.seed,
-        limit=e.limit or None,
-        stop_token_ids=stop,
-        label=os.path.basename(os.path.normpath(hf or checkpoint)),
-    )
-    print(
-        f"\n{results['table']}\nresults.json, table.md and samples.jsonl are in {os.path.abspath(workdir)}", flush=True
-    )
-    return results

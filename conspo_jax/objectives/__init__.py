@@ -21,6 +21,7 @@ from conspo_jax.objectives.conspo import (
     linear_discriminative,
     margin_schedule,
 )
+from conspo_jax.objectives.correction import logprob_mismatch, mismatch_metrics, tis_weights
 from conspo_jax.objectives.grpo import (
     dapo_dynamic_sampling_filter,
     dapo_overlong_penalty,
@@ -36,6 +37,9 @@ from conspo_jax.objectives.registry import (
 from conspo_jax.objectives.sequences import clipped_ratio_scores, sequence_scores
 
 __all__ = [
+    "logprob_mismatch",
+    "mismatch_metrics",
+    "tis_weights",
     "Objective",
     "ObjectiveInputs",
     "clipped_ratio_scores",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -79,18 +81,50 @@ class Rollouts:
 
 
 class RolloutEngine(abc.ABC):
-    """Generates groups of completions for tokenised prompts."""
+    """Generates groups of completions for tokenised prompts: the one contract every engine implements.
+
+    ``version`` is the weight version the engine samples with (the ``version`` of the last ``sync``).
+    """
+
+    version: int = 0
 
     @abc.abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollouts:
-        """Samples ``params.n`` completions for every prompt (token id lists, no padding)."""
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        *,
+        answers: Sequence[str] | None = None,
+        prompt_ids: Sequence[str] | None = None,
+    ) -> Rollouts:
+        """Samples ``params.n`` completions for every prompt (token id lists, no padding).
 
-    def update_weights(self, policy, version: int) -> None:  # pragma: no cover - optional
-        """Loads the weights of ``policy`` (a conspo_jax.models policy), tagged ``version``."""
-        raise NotImplementedError(f"{type(self).__name__} does not take in-process weights")
+        answers:    per-prompt ground truth. An engine that verifies (the sidecar client) fills
+                    ``Rollouts.rewards_R`` from them; the others leave it None and the caller verifies.
+        prompt_ids: stable per-prompt ids (exactly-once delivery across reconnects); optional.
+        """
+
+    @abc.abstractmethod
+    def sync(self, weights, version: int) -> None:
+        """Samples with new weights from now on, tagged ``version``.
+
+        weights: an ``nnx.State`` of the policy graph the engine was built for (in-process engines swap
+                 arrays without recompiling), or the path of a Hugging Face safetensors directory
+                 (engines in another process or runtime load it from disk).
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Releases engine resources; engines holding none need not override."""
+
+
+def reverse_echo_script(prompt, k):
+    """A MockEngine script: even samples echo the prompt reversed, odd samples answer ``2``; 1 ends each.
+
+    Together with the 'exact' verifier and answer = the reversed prompt as text, even samples score 1
+    and odd samples 0, so a test can check that every reward belongs to its own prompt.
+    """
+    body = list(reversed(prompt)) if k % 2 == 0 else [2]
+    return [*body, 1]
 
 
 class MockEngine(RolloutEngine):
@@ -98,14 +132,27 @@ class MockEngine(RolloutEngine):
 
     ``script(prompt_ids, k) -> list[int]`` returns sample k's completion for a prompt; without a
     script, completions are random tokens in [low, high) of random length, ending in eos_id.
+    ``delay_s`` makes every generate call take that long, so a test can act mid-stream.
     """
 
-    def __init__(self, *, eos_id: int = 1, vocab_low: int = 2, vocab_high: int = 50, script=None, pad_id: int = 0):
+    def __init__(
+        self,
+        *,
+        eos_id: int = 1,
+        vocab_low: int = 2,
+        vocab_high: int = 50,
+        script=None,
+        pad_id: int = 0,
+        delay_s: float = 0.0,
+    ):
         self.eos_id, self.low, self.high, self.script, self.pad_id = eos_id, vocab_low, vocab_high, script, pad_id
+        self.delay_s = delay_s
         self.version = 0
         self.calls = 0
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, *, answers=None, prompt_ids=None):
+        if self.delay_s:
+            time.sleep(self.delay_s)
         rng = np.random.default_rng(params.seed + 7919 * self.calls)
         self.calls += 1
         rows, reasons = [], []
@@ -131,5 +178,7 @@ class MockEngine(RolloutEngine):
         groups = np.repeat(np.arange(len(prompts), dtype=np.int32), params.n)
         return Rollouts(ids, lens, logp, reasons, groups, weight_version=self.version, pad_id=self.pad_id)
 
-    def update_weights(self, policy, version):
+    def sync(self, weights, version):
+        if isinstance(weights, (str, os.PathLike)) and not os.path.isdir(weights):
+            raise FileNotFoundError(f"weights dir {str(weights)!r} does not exist")
         self.version = version

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from conspo_jax.models import forward_cached, init_kv_cache, load_hf_policy, policy_logits
 from conspo_jax.rollout.engine import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Rollouts, SamplingParams
 from conspo_jax.rollout.sampling import sample_tokens
 
@@ -37,8 +40,6 @@ def _decode(
     pad_id,
     cache_dtype,
 ):
-    from conspo_jax.models import forward_cached, init_kv_cache, policy_logits
-
     policy = nnx.merge(graphdef, state)
     rows, plen = prompt_RxQ.shape
     slots = plen + max_new
@@ -104,22 +105,27 @@ class JaxEngine(RolloutEngine):
         prompt_bucket: int = 32,
         cache_dtype=jnp.bfloat16,
         version: int = 0,
+        load_options: dict | None = None,
     ):
         self.graphdef, self.state = nnx.split(policy)
         self.eos_token_ids = tuple(int(t) for t in np.atleast_1d(eos_token_ids))
         self.pad_id, self.mesh, self.bucket = pad_id, mesh, prompt_bucket
         self.cache_dtype, self.version = cache_dtype, version
+        # How sync() loads an HF directory (dtype, param_dtype, mesh): the sidecar pushes weights as paths.
+        self.load_options = dict(load_options or {})
         self._compiled = {}
 
-    def update_weights(self, policy, version):
-        graphdef, self.state = nnx.split(policy)
-        if graphdef != self.graphdef:
-            self.graphdef, self._compiled = graphdef, {}
-        self.version = version
-
-    def set_state(self, state, version):
-        """Takes new parameters as an ``nnx.State`` of the same graph (cheaper than a module)."""
-        self.state, self.version = state, version
+    def sync(self, weights, version):
+        """Takes an ``nnx.State`` of the engine's graph, or an HF safetensors directory to load."""
+        if isinstance(weights, (str, os.PathLike)):
+            graphdef, state = nnx.split(load_hf_policy(os.fspath(weights), **self.load_options))
+            if _layout(state) != _layout(self.state):
+                # Another architecture: the decode programs compiled for the old graph are useless.
+                self.graphdef, self._compiled = graphdef, {}
+            # Same architecture (graphdefs differ only in checkpoint metadata such as torch_dtype):
+            # swap the arrays and keep the compiled decode loop.
+            weights = state
+        self.state, self.version = weights, version
 
     def _fn(self, max_new):
         if max_new not in self._compiled:
@@ -133,14 +139,12 @@ class JaxEngine(RolloutEngine):
     def _place(self, x):
         if self.mesh is None:
             return jnp.asarray(x)
-        from jax.sharding import NamedSharding, PartitionSpec
-
         batch_axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.axis_names)
         shards = math.prod(self.mesh.shape[a] for a in batch_axes)
         spec = PartitionSpec(batch_axes) if x.shape[0] % shards == 0 else PartitionSpec()
         return jax.device_put(x, NamedSharding(self.mesh, spec))
 
-    def generate(self, prompts, params: SamplingParams) -> Rollouts:
+    def generate(self, prompts, params: SamplingParams, *, answers=None, prompt_ids=None) -> Rollouts:
         prompts = [list(p) for p in prompts]
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("JaxEngine.generate: every prompt needs at least one token")
@@ -174,3 +178,8 @@ class JaxEngine(RolloutEngine):
             weight_version=self.version,
             pad_id=self.pad_id,
         )
+
+
+def _layout(state):
+    leaves, treedef = jax.tree.flatten(state)
+    return treedef, [(x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves]

@@ -6,8 +6,6 @@ Public API (imported lazily, so verifier worker processes stay light):
   SidecarClient, SidecarError        trainer side (client.py)
   serve, serve_from_cli, SidecarOptions   sidecar side (server.py)
   WeightStore                        versioned weight directories (weights.py)
-  tis_weights, logprob_mismatch, mismatch_metrics   engine/trainer log-prob correction (correction.py)
-  SGLangEngine                       RolloutEngine over sglang.Engine (sglang_engine.py)
 """
 
 import importlib
@@ -19,10 +17,6 @@ _EXPORTS = {
     "serve_from_cli": "server",
     "SidecarOptions": "server",
     "WeightStore": "weights",
-    "tis_weights": "correction",
-    "logprob_mismatch": "correction",
-    "mismatch_metrics": "correction",
-    "SGLangEngine": "sglang_engine",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,8 +6,9 @@ are tracked by prompt id, a duplicate is dropped, and when the stream breaks (si
 network error) the client reconnects with exponential backoff and re-requests only the prompts it
 has not received. Everything is bounded by one overall deadline and a retry budget.
 
-``update_weights(policy, version)`` exports HF safetensors into the shared weights dir, calls
-PushWeights, and deletes older versions once the sidecar has acknowledged the new one. Requests ask
+``sync(weights, version)`` exports the policy state as HF safetensors into the shared weights dir
+(or takes an already exported directory), calls PushWeights, and deletes older versions once the
+sidecar has acknowledged the new one. Requests ask
 for ``min_weight_version = acknowledged version - staleness`` (default staleness 0: on-policy).
 """
 
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import grpc
+from flax import nnx
 
 from conspo_jax.rollout.engine import RolloutEngine, Rollouts, SamplingParams
 from conspo_jax.sidecar import codec
@@ -52,12 +54,13 @@ class SidecarClient(RolloutEngine):
     target:      "host:port" of the sidecar.
     token:       shared secret sent as ``authorization: Bearer <token>`` on every call.
     verifier:    registry name the sidecar scores with ('math', 'arith', ...); '' for no rewards.
-    weights:     WeightStore (or its root path) that ``update_weights`` exports into; the sidecar
+    weights:     WeightStore (or its root path) that ``sync`` exports into; the sidecar
                  must be configured with the same directory.
     staleness:   how many versions behind the last acknowledged push a group may be (0 = on-policy).
     deadline_s:  overall time limit of one ``generate`` / ``push_weights`` call, retries included.
     max_retries: reconnect attempts per call; the wait doubles from ``backoff_s`` up to ``backoff_max_s``.
     on_group:    optional ``fn(prompt_id, group)`` called as each new group is consumed.
+    graphdef:    the policy's ``nnx.GraphDef``, so that ``sync`` can export an ``nnx.State`` of it.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class SidecarClient(RolloutEngine):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         pad_id: int = 0,
         on_group: Callable[[str, pb.Group], None] | None = None,
+        graphdef=None,
     ):
         if staleness < 0:
             raise ValueError(f"staleness must be >= 0, got {staleness}")
@@ -83,7 +87,7 @@ class SidecarClient(RolloutEngine):
         self.target, self.verifier, self.staleness = target, verifier, staleness
         self.deadline_s, self.max_retries = deadline_s, max_retries
         self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
-        self.pad_id, self.on_group = pad_id, on_group
+        self.pad_id, self.on_group, self.graphdef = pad_id, on_group, graphdef
         self.weights = WeightStore(weights) if isinstance(weights, str) else weights
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(
@@ -105,7 +109,7 @@ class SidecarClient(RolloutEngine):
         self.requested: list[list[str]] = []  # prompt ids asked for by each attempt of the last generate
 
     @classmethod
-    def from_config(cls, config, *, tokenizer=None, policy=None, version: int = 0) -> SidecarClient:
+    def from_config(cls, config, *, tokenizer=None, policy=None, version: int = 0, **overrides) -> SidecarClient:
         """A client for ``config.rollout.sidecar``; waits (up to ``deadline_s``) for the sidecar to answer.
 
         With ``policy``, its weights are exported and pushed as ``version`` before returning, so the
@@ -113,20 +117,21 @@ class SidecarClient(RolloutEngine):
         The token comes from ``rollout.sidecar.token`` or, preferably, $CONSPO_SIDECAR_TOKEN.
         """
         sc = config.rollout.sidecar
-        get = sc.get if hasattr(sc, "get") else (lambda k, d=None: getattr(sc, k, d))
-        client = cls(
-            get("address", "127.0.0.1:50051"),
-            token=get("token", "") or os.environ.get(TOKEN_ENV) or None,
-            verifier=get("verifier", "") or str(getattr(config, "task", "")),
-            weights=WeightStore(get("weights_dir", "") or None),
-            staleness=int(get("max_staleness", 0)),
-            deadline_s=float(get("deadline_s", 600.0)),
-            pad_id=int(tokenizer.pad_token_id) if tokenizer is not None and tokenizer.pad_token_id is not None else 0,
+        pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+        opts = dict(
+            token=sc.token or os.environ.get(TOKEN_ENV) or None,
+            verifier=sc.verifier or str(config.task),
+            weights=WeightStore(sc.weights_dir or None),
+            staleness=int(sc.max_staleness),
+            deadline_s=float(sc.deadline_s),
+            pad_id=int(pad),
+            graphdef=nnx.graphdef(policy) if policy is not None else None,
         )
-        client.tokenizer = tokenizer
+        opts.update(overrides)
+        client = cls(sc.address, **opts)
         client.wait_ready(timeout=client.deadline_s)
         if policy is not None:
-            client.update_weights(policy, version)
+            client.push_policy(policy, version)
         return client
 
     # ---- plumbing ----
@@ -176,13 +181,24 @@ class SidecarClient(RolloutEngine):
         self.version, self._last_push = version, (path, version)
         return float(reply.load_seconds)
 
-    def update_weights(self, policy, version: int) -> None:
+    def push_policy(self, policy, version: int) -> None:
         """Exports ``policy`` as HF safetensors, pushes it, then deletes older exported versions."""
         if self.weights is None:
-            raise ValueError("SidecarClient.update_weights needs weights= (a WeightStore or the shared weights dir)")
+            raise ValueError("SidecarClient needs weights= (a WeightStore or the shared weights dir) to push a policy")
         path = self.weights.export(policy, version)
         self.push_weights(path, version)
         self.weights.cleanup(keep_from=version)
+
+    def sync(self, weights, version: int) -> None:
+        """Pushes new weights: an ``nnx.State`` of ``graphdef`` (exported first) or an exported HF directory."""
+        if isinstance(weights, (str, os.PathLike)):
+            self.push_weights(os.fspath(weights), version)
+            if self.weights is not None:
+                self.weights.cleanup(keep_from=version)
+            return
+        if self.graphdef is None:
+            raise ValueError("SidecarClient.sync of an nnx.State needs graphdef= (make_engine passes the policy's)")
+        self.push_policy(nnx.merge(self.graphdef, weights), version)
 
     # ---- rollouts ----
     def generate(

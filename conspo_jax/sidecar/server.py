@@ -27,11 +27,11 @@ from concurrent.futures.process import BrokenProcessPool
 
 import grpc
 
+from conspo_jax.rollout.sglang_engine import sample_seed
 from conspo_jax.sidecar import codec, verifiers
 from conspo_jax.sidecar import rollout_pb2 as pb
 from conspo_jax.sidecar import rollout_pb2_grpc as pb_grpc
 from conspo_jax.sidecar.engines import EngineHandle, build_engine
-from conspo_jax.sidecar.sglang_engine import sample_seed
 from conspo_jax.sidecar.weights import default_weights_dir, resolve_inside
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
         t0 = time.perf_counter()
         with self._engine_lock:
             try:
-                self.handle.load_weights(path, int(request.version))
+                self.handle.engine.sync(path, int(request.version))
             except Exception as e:  # noqa: BLE001 - the old weights stay in use; say why the new ones did not load
                 log.exception("loading weights from %s failed", path)
                 context.abort(
@@ -407,23 +407,24 @@ def run_until_signalled(sidecar: SidecarServer, *, ready_line: bool = True) -> N
 
 
 def options_from_config(config, *, port=None, host=None) -> SidecarOptions:
-    """SidecarOptions from ``config.rollout.sidecar`` (any missing key keeps its default)."""
-    from conspo_jax.sidecar.engines import _cfg
+    """SidecarOptions from ``config.rollout.sidecar`` (the schema in conspo_jax/train/config_base.py).
 
-    sc = _cfg(config, "rollout.sidecar", {}) or {}
-    get = (lambda k, d: sc.get(k, d)) if hasattr(sc, "get") else (lambda k, d: d)
-    defaults = SidecarOptions()
-    token = get("token", "") or os.environ.get(TOKEN_ENV) or None
-    addr_host, _, addr_port = str(get("address", "") or "").rpartition(":")
+    Host and port come from ``rollout.sidecar.address`` unless given; without a config (the mock
+    engine), the defaults and a free port.
+    """
+    if config is None:
+        return SidecarOptions(host=host or SidecarOptions.host, port=int(port or 0))
+    sc = config.rollout.sidecar
+    addr_host, _, addr_port = str(sc.address or "").rpartition(":")
     return SidecarOptions(
-        host=host or get("host", None) or addr_host or defaults.host,
-        port=int(port if port is not None else get("port", None) or addr_port or 0),
-        token=token,
-        weights_dir=get("weights_dir", None) or None,
-        workers=int(get("workers", defaults.workers)),
-        chunk_prompts=int(get("chunk_prompts", 0)),
-        max_message_bytes=int(get("max_message_mb", defaults.max_message_bytes >> 20)) << 20,
-        version_wait_s=float(get("version_wait_s", defaults.version_wait_s)),
+        host=host or addr_host or SidecarOptions.host,
+        port=int(port if port is not None else addr_port or 0),
+        token=sc.token or os.environ.get(TOKEN_ENV) or None,
+        weights_dir=sc.weights_dir or None,
+        workers=int(sc.workers),
+        chunk_prompts=int(sc.chunk_prompts),
+        max_message_bytes=int(sc.max_message_mb) << 20,
+        version_wait_s=float(sc.version_wait_s),
     )
 
 

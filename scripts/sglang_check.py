@@ -1,4 +1,4 @@
-"""End-to-end check of a real sidecar process: ``python -m conspo_jax.sidecar.sglang_check``.
+"""End-to-end check of a real sidecar process: ``python scripts/sglang_check.py``.
 
 Builds a tiny random Qwen2 checkpoint (no download) with the synthetic task's tokenizer, starts
 ``python -m conspo_jax.sidecar --engine sglang`` (or ``--engine jax``) on 127.0.0.1, and checks, as
@@ -122,37 +122,12 @@ def _stop(proc):
             proc.wait(timeout=10)
 
 
-def trainer_logprobs(policy, prompts, rollouts):
-    """fp32 log-probs of every completion token under ``policy``, through the trainer's own batching
-    (left-padded prompts, ``build_rl_batch``) and log-prob function (``completion_logprobs``)."""
-    import jax
-    from flax import nnx
-
-    from conspo_jax.train.batching import build_rl_batch
-    from conspo_jax.train.step import completion_logprobs
-
-    prompt_len = max(map(len, prompts))
-    width = rollouts.completion_ids_RxC.shape[1]
-    batch = build_rl_batch(
-        prompts,
-        rollouts,
-        np.zeros(rollouts.num_rows, np.float32),
-        prompt_len=prompt_len,
-        completion_len=width,
-        pad_id=rollouts.pad_id,
-    )
-    graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
-    logp = jax.jit(completion_logprobs, static_argnums=(0, 5))(
-        graphdef, params, rest, batch["input_ids"], batch["attention_mask"], prompt_len
-    )
-    return np.asarray(logp) * batch["completion_mask"]
-
-
 def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: float, start_timeout_s: float) -> dict:
     from conspo_jax.data.arith import arith_prompt, make_arith_records
+    from conspo_jax.objectives import logprob_mismatch
     from conspo_jax.rollout.engine import SamplingParams
     from conspo_jax.sidecar.client import SidecarClient
-    from conspo_jax.sidecar.correction import logprob_mismatch
+    from conspo_jax.train.step import trainer_logprobs
 
     tok, model_dir, (init_policy_, trainer_policy) = _tiny_checkpoints(workdir)
     config_path = os.path.join(workdir, "sidecar_config.py")
@@ -187,7 +162,7 @@ def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: fl
             )
 
             t0 = time.perf_counter()
-            client.update_weights(trainer_policy, 1)
+            client.push_policy(trainer_policy, 1)
             out["push_s"] = round(time.perf_counter() - t0, 3)
             assert client.health().weight_version == 1
             assert sorted(os.listdir(weights_dir)) == ["v000001"], os.listdir(weights_dir)
@@ -207,7 +182,7 @@ def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: fl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m conspo_jax.sidecar.sglang_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python scripts/sglang_check.py", description=__doc__.splitlines()[0])
     p.add_argument("--engine", default="sglang", choices=["sglang", "jax"])
     p.add_argument("--workdir", default=None, help="where checkpoints and weights go (default: a temp dir)")
     p.add_argument("--port", type=int, default=0, help="sidecar port; 0 picks a free one")

@@ -19,6 +19,7 @@ the paper's temperature 1 and top_p 1 they are the policy's own log-probs.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -81,7 +82,7 @@ class SGLangEngine(RolloutEngine):
             "skip_special_tokens": False,
         }
 
-    def generate(self, prompts, params: SamplingParams) -> Rollouts:
+    def generate(self, prompts, params: SamplingParams, *, answers=None, prompt_ids=None) -> Rollouts:
         prompts = [[int(t) for t in p] for p in prompts]
         if not prompts or any(not p for p in prompts):
             raise ValueError("SGLangEngine.generate: every prompt needs at least one token")
@@ -131,15 +132,17 @@ class SGLangEngine(RolloutEngine):
             pad_id=self.pad_id,
         )
 
-    def load_weights_from_path(self, path: str, version: int) -> None:
+    def sync(self, weights, version: int) -> None:
         """``update_weights_from_disk(path)`` then ``flush_cache()`` (the prefix cache holds old-weight KV)."""
-        ok, message = _unpack_update_result(self.engine.update_weights_from_disk(path))
+        if not isinstance(weights, (str, os.PathLike)):
+            raise TypeError("SGLangEngine.sync loads weights from disk: pass the path of an HF safetensors directory")
+        ok, message = _unpack_update_result(self.engine.update_weights_from_disk(os.fspath(weights)))
         if not ok:
-            raise RuntimeError(f"sglang update_weights_from_disk({path!r}) failed: {message}")
+            raise RuntimeError(f"sglang update_weights_from_disk({weights!r}) failed: {message}")
         self.engine.flush_cache()
         self.version = version
 
     def close(self) -> None:
-        shutdown = getattr(self.engine, "shutdown", None)
+        shutdown = getattr(self.engine, "shutdown", None)  # older sglang releases have no shutdown()
         if shutdown is not None:
             shutdown()
