@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conspo_jax import build
 from conspo_jax.configs import load_config_module
 from conspo_jax.objectives import list_objectives
 from conspo_jax.rollout import SamplingParams
-from conspo_jax.train import setup
 from conspo_jax.train.batching import build_rl_batch, split_micro_batches
 from conspo_jax.train.metrics import read_metrics
 from conspo_jax.train.step import init_train_state, make_logprob_fn, make_optimizer, make_train_step
@@ -79,9 +79,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(uninterrupted, tmp_
 def rl_batch():
     """A tiny policy, one real rollout batch from the JAX engine, and synthetic mixed rewards."""
     c = _smoke_config()
-    tok = setup.build_tokenizer(c)
-    task = setup.build_task(c, tok)
-    policy = setup.build_policy(c, tok, mesh=None, seed=0)
+    tok = build.build_tokenizer(c)
+    task = build.build_task(c, tok)
+    policy = build.build_policy(c, tok, mesh=None, seed=0)
     from conspo_jax.rollout.jax_engine import JaxEngine
 
     engine = JaxEngine(policy, eos_token_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, prompt_bucket=16)
@@ -89,7 +89,9 @@ def rl_batch():
     out = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=6, seed=3))
     rewards = np.tile([1.0, 0.0, 1.0, 0.0], 4)
     rewards[4:8] = 0.0  # one group with no positive: contributes nothing
-    batch = build_rl_batch(prompts, out, rewards, prompt_len=16, completion_len=6, pad_id=tok.pad_token_id)
+    batch = build_rl_batch(
+        prompts, out, rewards, prompt_len=16, completion_len=6, pad_id=tok.pad_token_id, group_size=4
+    )
     return policy, batch
 
 
@@ -102,19 +104,23 @@ def _one_update(policy, batch, name, *, mini_batches, micro_groups, poison_old_l
 
     fn = get_objective(name)
     opt = make_optimizer(1e-3, warmup_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0)
-    mesh = setup.build_mesh(_smoke_config())
+    mesh = build.build_mesh(_smoke_config())
     state = init_train_state(params, opt, jax.random.key(0), mesh)
     before = jax.tree.map(np.asarray, state.params)
     ref = jax.tree.map(jnp.copy, state.params) if fn.requires_ref_logp(**kwargs) else None
     minis = split_micro_batches(batch, mini_batches=mini_batches, micro_batch_groups=micro_groups)
     old_fn = make_logprob_fn(graphdef, 16)
-    for mb in minis:
-        s = mb["input_ids"].shape
-        mb["old_logp"] = np.array(
-            old_fn(state.params, rest, mb["input_ids"].reshape(-1, s[-1]), mb["attention_mask"].reshape(-1, s[-1]))
+
+    def with_old_logp(mb):
+        s = mb.input_ids.shape
+        old = np.array(
+            old_fn(state.params, rest, mb.input_ids.reshape(-1, s[-1]), mb.attention_mask.reshape(-1, s[-1]))
         ).reshape(s[0], s[1], -1)
         if poison_old_logp:
-            mb["old_logp"][0, 0, 0] = np.nan
+            old[0, 0, 0] = np.nan
+        return mb.replace(old_logp=old)
+
+    minis = [with_old_logp(mb) for mb in minis]
     step = make_train_step(
         state,
         minis[0],
@@ -158,14 +164,13 @@ def test_micro_batch_accumulation_equals_whole_batch(rl_batch):
 def test_checkpoint_loads_for_eval_and_exported_hf_matches(uninterrupted):
     """The trained policy comes back identically from the Orbax checkpoint and from the HF export."""
     from conspo_jax.models import load_hf_policy, token_logprobs
-    from conspo_jax.train.checkpoint import load_policy_for_eval
 
     c = _smoke_config()
-    tok = setup.build_tokenizer(c)
-    mesh = setup.build_mesh(c)
-    from_ckpt = load_policy_for_eval(c, uninterrupted, tokenizer=tok, mesh=mesh)
+    tok = build.build_tokenizer(c)
+    mesh = build.build_mesh(c)
+    from_ckpt = build.load_policy_from_checkpoint(c, uninterrupted, tokenizer=tok, mesh=mesh)
     from_hf = load_hf_policy(os.path.join(uninterrupted, "hf"), dtype=jnp.float32)
-    fresh = setup.build_policy(c, tok, mesh=None, seed=0)
+    fresh = build.build_policy(c, tok, mesh=None, seed=0)
     ids = jnp.asarray([tok("Q:12+35=? A:\\boxed{47}")["input_ids"]])
     mask = jnp.ones_like(ids)
     a, b, f = (np.asarray(token_logprobs(p, ids, mask)) for p in (from_ckpt, from_hf, fresh))

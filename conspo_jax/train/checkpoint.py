@@ -46,38 +46,3 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
-
-
-def _manager_dir(path: str) -> tuple[str, int | None]:
-    """Accepts a trainer workdir, its checkpoints/ dir, or one step dir; returns (dir, step or None)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return os.path.join(path, "checkpoints"), None
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(base)
-    return path, None
-
-
-def load_policy_for_eval(config, checkpoint: str, *, tokenizer, mesh):
-    """The policy of a trainer checkpoint (latest step unless a step dir is given), built from config."""
-    from flax import nnx
-
-    from conspo_jax.configs import UsageError
-    from conspo_jax.train import setup
-    from conspo_jax.train.step import init_train_state, make_optimizer
-
-    directory, step = _manager_dir(checkpoint)
-    if not os.path.isdir(directory):
-        raise UsageError(f"--checkpoint: no such directory {checkpoint!r}")
-    ckpt = Checkpointer(directory)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise UsageError(f"--checkpoint: no finished checkpoint in {directory!r}")
-    policy = setup.build_policy(config, tokenizer, mesh, seed=config.seed)
-    graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
-    optimizer = make_optimizer(**config.optim)
-    # A concrete target gives Orbax every leaf's sharding; the optimizer moments are dropped at return.
-    state, _, _ = ckpt.restore(step, init_train_state(params, optimizer, jax.random.key(0), mesh))
-    ckpt.close()
-    return nnx.merge(graphdef, state.params, rest)

@@ -72,7 +72,6 @@ def base_config() -> ml_collections.ConfigDict:
             shuffle=True,
             # the synthetic arithmetic task
             num_train=4000,
-            num_eval=200,
             max_operand=99,
             ops="+-",
             pad_operands=False,
@@ -96,9 +95,15 @@ def base_config() -> ml_collections.ConfigDict:
                     max_staleness=0,
                     tis_cap=0.0,
                     deadline_s=600.0,
-                    verifier="",
+                    verifier="",  # '': the task's (math or arith)
+                    # read by the sidecar process (conspo sidecar --config ...)
+                    workers=2,  # verifier processes
+                    chunk_prompts=0,  # prompts per engine call; 0: a request's prompts in one call
+                    max_message_mb=64,
+                    version_wait_s=5.0,  # how long a request waits for its min weight version
+                    sglang=ml_collections.ConfigDict(),  # keyword arguments of sglang.Engine
                 )
-            ),  # verifier '': the task's (math or arith)
+            ),
         )
     )
     c.objective = ml_collections.ConfigDict(dict(name="conspo"))
@@ -112,7 +117,6 @@ def base_config() -> ml_collections.ConfigDict:
             num_steps=0,  # 0: derived from data size, prompts_per_step and data.num_epochs
             mini_batches=1,  # optimizer updates per rollout batch (groups split evenly)
             micro_batch_groups=0,  # groups per micro-batch for gradient accumulation; 0 = whole mini-batch
-            log_every=1,
             ckpt_every=50,
             keep_ckpts=2,
             stop_after=0,
@@ -121,7 +125,10 @@ def base_config() -> ml_collections.ConfigDict:
             export_hf=True,  # write the final policy + tokenizer to <workdir>/hf
         )
     )
-    c.sft = ml_collections.ConfigDict(dict(steps=0, lr=1e-3, batch_size=64, warmup_steps=10))
+    c.sft = ml_collections.ConfigDict(
+        # cache_dir: reuse one warm start across runs of the same seed (see conspo_jax/train/sft.py)
+        dict(steps=0, lr=1e-3, batch_size=64, warmup_steps=10, cache_dir="")
+    )
     c.eval = ml_collections.ConfigDict(
         dict(
             every=100,

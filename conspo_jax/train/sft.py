@@ -4,19 +4,32 @@ The synthetic demo starts from random weights, where every rollout fails and no 
 correct and an incorrect rollout, so a contrastive (or any group-relative) objective has nothing to
 learn from. A brief, deliberately incomplete supervised phase brings the pass rate strictly between 0
 and 1; RL then has to do the rest. Real checkpoints skip this (``sft.steps = 0``).
+
+With ``sft.cache_dir`` set, the warm start is computed once and reused: a study runs every method of one
+seed from the same warm-started parameters (paired seeds), and only the first run pays for it.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
+from conspo_jax.configs import UsageError
 from conspo_jax.models import token_logprobs
+from conspo_jax.train.step import state_shardings, warmup_then_constant
+
+log = logging.getLogger(__name__)
 
 
 def _sft_loss(params, graphdef, rest, ids, attn, target_mask):
@@ -68,13 +81,9 @@ def warm_start(
 ):
     """Runs ``steps`` AdamW steps of supervised training; returns the new params."""
     ids, attn, tmask = encode_sft(records, encode, target, tokenizer, width)
-    from conspo_jax.train.step import warmup_then_constant
-
     optimizer = optax.adamw(warmup_then_constant(lr, max(warmup_steps, 1)), weight_decay=0.0)
     opt_state = jax.jit(optimizer.init)(params)
     if mesh is not None:  # commit every leaf to the mesh so the donated step never recompiles
-        from conspo_jax.train.step import state_shardings
-
         opt_state = jax.device_put(opt_state, state_shardings(opt_state, mesh))
     rng = np.random.default_rng(seed)
     for s in range(steps):
@@ -84,3 +93,72 @@ def warm_start(
         if log is not None and (s + 1) % 25 == 0:
             log(s + 1, float(loss))
     return params
+
+
+def _fingerprint(config) -> dict:
+    """What the warm start depends on; a cache made under other settings is refused, not reused."""
+    keys = ("seed", "task", "tokenizer")
+    out = {k: config[k] for k in keys}
+    for section in ("model", "sft", "data"):
+        out[section] = json.loads(config[section].to_json_best_effort())
+    out["sft"].pop("cache_dir", None)
+    out["max_new_tokens"] = config.rollout.max_new_tokens
+    return out
+
+
+def cached_warm_start(graphdef, params, rest, task, tokenizer, *, config, mesh):
+    """``warm_start`` with the config's settings, through ``sft.cache_dir`` when one is set."""
+    s = config.sft
+    cache = os.path.abspath(os.path.expanduser(s.cache_dir)) if s.cache_dir else ""
+    stamp = _fingerprint(config)
+    if cache and os.path.isdir(os.path.join(cache, "params")):
+        with open(os.path.join(cache, "fingerprint.json")) as f:
+            saved = json.load(f)
+        if saved != stamp:
+            diff = sorted(k for k in set(saved) | set(stamp) if saved.get(k) != stamp.get(k))
+            raise UsageError(f"sft.cache_dir={s.cache_dir!r} holds a warm start made with other settings: {diff}")
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, params)
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(os.path.join(cache, "params"), target)
+        log.info(f"warm start: reused {cache}")
+        return restored
+    log.info(f"warm start: {s.steps} supervised steps (demo only; see sft.py)")
+    t0 = time.time()
+    params = warm_start(
+        graphdef,
+        params,
+        rest,
+        task.train_records,
+        task.encode,
+        task.sft_target,
+        tokenizer,
+        steps=s.steps,
+        lr=s.lr,
+        batch_size=s.batch_size,
+        warmup_steps=s.warmup_steps,
+        seed=config.seed,
+        width=config.data.max_prompt_len + config.rollout.max_new_tokens,
+        mesh=mesh,
+        log=lambda step, loss: log.info(f"  sft step {step}: loss {loss:.3f}"),
+    )
+    log.info(f"warm start done in {time.time() - t0:.0f}s")
+    if cache:
+        _save_cache(cache, params, stamp)
+    return params
+
+
+def _save_cache(cache: str, params, stamp: dict) -> None:
+    """Writes under a private name, then renames: runs racing on one seed never see a half cache."""
+    os.makedirs(cache, exist_ok=True)
+    tmp = os.path.join(cache, f".tmp-{os.getpid()}")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(tmp, "params"), params, force=True)
+    with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
+        json.dump(stamp, f, indent=2, sort_keys=True)
+    try:
+        os.rename(os.path.join(tmp, "fingerprint.json"), os.path.join(cache, "fingerprint.json"))
+        os.rename(os.path.join(tmp, "params"), os.path.join(cache, "params"))
+    except OSError:
+        pass  # another run of the same seed finished first; its cache is the same computation
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

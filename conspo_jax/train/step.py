@@ -16,12 +16,14 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from conspo_jax.models import token_logprobs
-from conspo_jax.objectives import ObjectiveInputs
+from conspo_jax.objectives import ObjectiveInputs, tis_weights
+from conspo_jax.train.batching import RLBatch, build_rl_batch
 
 _SCHEDULE_KEYS = ("margin",)
 
@@ -58,35 +60,35 @@ def completion_logprobs(graphdef, params, rest, input_ids, attention_mask, promp
     return logp_RxT1[:, prompt_len - 1 :]
 
 
-def _micro_objective(params, mb, progress, rest, ref_params, *, graphdef, objective, num_groups, prompt_len, tis_cap):
-    logp_RxC = completion_logprobs(graphdef, params, rest, mb["input_ids"], mb["attention_mask"], prompt_len)
+def _micro_objective(
+    params, mb: RLBatch, progress, rest, ref_params, *, graphdef, objective, num_groups, prompt_len, tis_cap
+):
+    logp_RxC = completion_logprobs(graphdef, params, rest, mb.input_ids, mb.attention_mask, prompt_len)
     if tis_cap > 0:
         # Truncated importance sampling for engine/trainer mismatch: scale each token's gradient by
         # min(pi_trainer / pi_engine, cap) while leaving every value (and so every metric) unchanged.
-        from conspo_jax.sidecar.correction import tis_weights
-
         sg = jax.lax.stop_gradient(logp_RxC)
-        w = jax.lax.stop_gradient(tis_weights(sg, mb["engine_logp"], mb["completion_mask"], tis_cap))
+        w = jax.lax.stop_gradient(tis_weights(sg, mb.engine_logp, mb.completion_mask, tis_cap))
         logp_RxC = sg + w * (logp_RxC - sg)
-    old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp_RxC)
+    old = mb.old_logp if mb.old_logp is not None else jax.lax.stop_gradient(logp_RxC)
     ref = None
     if ref_params is not None:
         ref = jax.lax.stop_gradient(
-            completion_logprobs(graphdef, ref_params, rest, mb["input_ids"], mb["attention_mask"], prompt_len)
+            completion_logprobs(graphdef, ref_params, rest, mb.input_ids, mb.attention_mask, prompt_len)
         )
     inputs = ObjectiveInputs(
         token_logp=logp_RxC,
         old_logp=old,
-        mask=mb["completion_mask"],
-        rewards=mb["rewards"],
-        group_ids=mb["group_ids"],
-        rollout_mask=mb["rollout_mask"],
+        mask=mb.completion_mask,
+        rewards=mb.rewards,
+        group_ids=mb.group_ids,
+        rollout_mask=mb.rollout_mask,
         ref_logp=ref,
     )
     value, aux = objective(inputs, num_groups=num_groups, progress=progress)
     n = jax.lax.stop_gradient(aux["normalizer"]).astype(jnp.float32)
-    mask = mb["completion_mask"]
-    mismatch = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp_RxC) - mb["engine_logp"]) * mask)
+    mask = mb.completion_mask
+    mismatch = jnp.sum(jnp.abs(jax.lax.stop_gradient(logp_RxC) - mb.engine_logp) * mask)
     aux = {k: v for k, v in aux.items() if k != "normalizer"}
     return -value * n, (value, n, aux, mismatch, jnp.sum(mask))
 
@@ -184,7 +186,8 @@ def state_shardings(state, mesh):
 
 
 def micro_batch_shardings(batch, mesh):
-    """[M, rows, ...] arrays: rows over the data axes when they divide evenly, else replicated."""
+    """[M, rows, ...] arrays (or their ShapeDtypeStructs): rows over the data axes when they divide
+    evenly, else replicated."""
     axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
     shards = math.prod(mesh.shape[a] for a in axes)
 
@@ -197,7 +200,10 @@ def micro_batch_shardings(batch, mesh):
 
 def make_train_step(state, example_batch, mesh, *, rest, ref_params=None, **static):
     """``jit(train_step)`` with explicit in/out shardings, the graph, objective and optimizer closed
-    over, and the state donated. Call it as ``step(state, micro_batches, progress, rest, ref_params)``."""
+    over, and the state donated. Call it as ``step(state, micro_batches, progress, rest, ref_params)``.
+
+    ``example_batch`` fixes the input shardings: an ``RLBatch`` of [M, rows, ...] arrays or of
+    ``jax.ShapeDtypeStruct``s (the trainer builds it from the config before the first rollout)."""
     s_shard = state_shardings(state, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
@@ -217,3 +223,26 @@ def make_train_step(state, example_batch, mesh, *, rest, ref_params=None, **stat
 def make_logprob_fn(graphdef, prompt_len):
     """Jitted ``f(params, rest, ids, mask)``: completion log-probs (old-policy log-probs before updates)."""
     return jax.jit(lambda params, rest, ids, mask: completion_logprobs(graphdef, params, rest, ids, mask, prompt_len))
+
+
+def trainer_logprobs(policy, prompts, rollouts) -> np.ndarray:
+    """Log-probs of every completion token under ``policy`` [R, C], computed exactly as the update does:
+    left-padded prompts through ``build_rl_batch`` and ``completion_logprobs`` (0 on padding).
+
+    Compare with ``rollouts.logprobs_RxC`` to measure an engine's mismatch with the trainer.
+    """
+    prompt_len = max(map(len, prompts))
+    batch = build_rl_batch(
+        prompts,
+        rollouts,
+        np.zeros(rollouts.num_rows, np.float32),
+        prompt_len=prompt_len,
+        completion_len=rollouts.completion_ids_RxC.shape[1],
+        pad_id=rollouts.pad_id,
+        group_size=rollouts.num_rows // len(prompts),
+    )
+    graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+    logp = jax.jit(completion_logprobs, static_argnums=(0, 5))(
+        graphdef, params, rest, batch.input_ids, batch.attention_mask, prompt_len
+    )
+    return np.asarray(logp) * batch.completion_mask

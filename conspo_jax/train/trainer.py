@@ -1,10 +1,16 @@
-"""The RLVR training loop: sample prompts, roll out G per prompt, verify, score, update, log, evaluate,
-checkpoint. ``train(config, workdir)`` is what ``conspo train`` runs; re-running it resumes.
+"""The RLVR training loop as stages: collect -> make_batches -> update -> after_step.
+
+``Trainer`` owns what a run holds (the built objects from ``conspo_jax.build``, the train state, the
+jitted step functions, the reference parameters); ``train(config, workdir)`` is what ``conspo train``
+runs, and re-running it resumes. Each stage is one method with a typed result, so a new feature
+(overlapped rollouts, dynamic sampling, another writer) has one obvious place to go.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -12,320 +18,369 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
+from conspo_jax import build, logs
 from conspo_jax.configs import UsageError, config_to_json
-from conspo_jax.rollout import SamplingParams
-from conspo_jax.train import setup
-from conspo_jax.train.batching import build_rl_batch, split_micro_batches
+from conspo_jax.data.pipeline import make_prompt_dataset
+from conspo_jax.evals.runner import evaluate
+from conspo_jax.models import save_hf_policy
+from conspo_jax.objectives import get_objective
+from conspo_jax.rollout import Rollouts, SamplingParams
+from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
 from conspo_jax.train.checkpoint import Checkpointer
 from conspo_jax.train.metrics import MetricsWriter, plot_reward_curve
+from conspo_jax.train.sft import cached_warm_start
 from conspo_jax.train.step import init_train_state, make_logprob_fn, make_optimizer, make_train_step
 
+log = logging.getLogger(__name__)
 
-def _say(msg):
-    print(f"[conspo] {msg}", flush=True)
-
-
-def _make_engine(config, policy, tokenizer, mesh, stop_ids, version):
-    if config.rollout.backend == "sidecar":
-        from conspo_jax.sidecar.client import SidecarClient
-
-        # Pushing now makes the first rollouts come from these weights, not the sidecar's checkpoint.
-        return SidecarClient.from_config(config, tokenizer=tokenizer, policy=policy, version=version)
-    from conspo_jax.rollout.jax_engine import JaxEngine
-
-    # The KV cache keeps the compute dtype, so engine and trainer log-probs agree (fp32 runs: <= 1e-4).
-    return JaxEngine(
-        policy,
-        eos_token_ids=stop_ids,
-        pad_id=tokenizer.pad_token_id,
-        mesh=mesh,
-        prompt_bucket=config.rollout.prompt_bucket,
-        cache_dtype=setup.DTYPES[config.model.dtype],
-        version=version,
-    )
+HELD_OUT = "heldout"  # the synthetic task's held-out split, as the evaluator names it
+_EVAL_SEED_OFFSET = 10_000  # held-out sampling seed = config.seed + this (kept from the first demo runs)
 
 
-def _prompt_iterator(config, records, num_epochs):
-    from conspo_jax.data.pipeline import make_prompt_dataset
+@dataclasses.dataclass
+class RolloutBatch:
+    """What ``collect`` returns: a step's prompts and their verified rollouts."""
 
-    return make_prompt_dataset(
-        records,
-        batch_size=config.rollout.prompts_per_step,
-        seed=config.seed,
-        num_epochs=num_epochs,
-        shuffle=config.data.shuffle,
-    )
-
-
-def evaluate_held_out(engine, task, config, seed, tokenizer):
-    """Mean verified reward on the held-out split (the demo's 'held-out accuracy')."""
-    if not task.eval_records:
-        return None
-    e = config.eval
-    params = SamplingParams(
-        n=e.n,
-        temperature=e.temperature,
-        top_p=e.top_p,
-        max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
-        seed=seed,
-    )
-    prompts = [task.encode(r) for r in task.eval_records]
-    out = engine.generate(prompts, params)
-    texts = engine_texts(out, tokenizer)
-    answers = [task.eval_records[g]["answer"] for g in out.group_ids_R]
-    return float(np.mean(task.reward(texts, answers)))
+    records: list[dict]
+    prompts: list[list[int]]
+    rollouts: Rollouts
+    rewards_R: np.ndarray
+    generate_s: float
 
 
-def run_evaluation(engine, task, config, tokenizer, workdir, step, stop_ids) -> dict:
-    """Scalars for metrics.jsonl: held-out accuracy (synthetic task) or the paper's benchmarks (math)."""
-    if task.eval_records:
-        return {"eval/accuracy": evaluate_held_out(engine, task, config, config.seed + 10_000, tokenizer)}
-    e = config.eval
-    names = [b for b in str(e.benchmarks).split(",") if b]
-    if not names:
-        return {}
-    from conspo_jax.evals.runner import evaluate
+class Trainer:
+    """One training run: builds everything from ``config`` and owns the state between stages."""
 
-    res = evaluate(
-        engine,
-        tokenizer,
-        names,
-        out_dir=os.path.join(workdir, "eval", f"step_{step}"),
-        max_new_tokens=e.max_new_tokens or config.rollout.max_new_tokens,
-        k_overrides=e.k or None,
-        temperature=e.temperature,
-        top_p=e.top_p,
-        seed=config.seed,
-        limit=e.limit or None,
-        stop_token_ids=stop_ids,
-        label=f"step {step}",
-        progress=False,
-    )
-    out = {f"eval/{name}": float(b["score"]) for name, b in res["benchmarks"].items()}
-    out["eval/accuracy"] = float(res["average"])
-    return out
+    def __init__(self, config, workdir: str):
+        build.validate(config)
+        build.enable_compilation_cache(config)
+        self.config, self.workdir = config, workdir
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_to_json(config))
+        self.tokenizer = build.build_tokenizer(config)
+        self.task = build.build_task(config, self.tokenizer)
+        self.mesh = build.build_mesh(config)
+        policy = build.build_policy(config, self.tokenizer, self.mesh, seed=config.seed)
+        self.stop_ids = build.stop_token_ids(self.tokenizer, policy.config)
+        self.graphdef, params, self.rest = nnx.split(policy, nnx.Param, ...)
 
-
-def engine_texts(rollouts, tokenizer):
-    return [tokenizer.decode(c, skip_special_tokens=True) for c in rollouts.completions()]
-
-
-def train(config, workdir: str) -> dict:
-    """Trains as ``config`` says, writing everything to ``workdir``; returns the final metrics row."""
-    setup.validate(config)
-    setup.enable_compilation_cache(config)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_to_json(config))
-    tokenizer = setup.build_tokenizer(config)
-    task = setup.build_task(config, tokenizer)
-    mesh = setup.build_mesh(config)
-    policy = setup.build_policy(config, tokenizer, mesh, seed=config.seed)
-    stop_ids = setup.stop_token_ids(tokenizer, policy.config)
-    graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
-
-    from conspo_jax.objectives import get_objective
-
-    name = config.objective.name
-    kwargs = dict(config.objective[name]) if name in config.objective else {}
-    objective_fn = get_objective(name)
-    objective = lambda inputs, **kw: objective_fn(inputs, **kw, **kwargs)  # noqa: E731
-
-    r = config.rollout
-    prompts_per_epoch = len(task.train_records) // r.prompts_per_step
-    if prompts_per_epoch == 0:
-        raise UsageError(
-            f"rollout.prompts_per_step={r.prompts_per_step} exceeds the {len(task.train_records)} training prompts"
-        )
-    total_steps = config.train.num_steps or prompts_per_epoch * config.data.num_epochs
-    num_epochs = -(-total_steps // prompts_per_epoch)
-    optimizer = make_optimizer(**config.optim)
-    state = init_train_state(params, optimizer, jax.random.key(config.seed), mesh)
-    data_iter = _prompt_iterator(config, task.train_records, num_epochs)
-
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts)
-    resume = ckpt.latest_step()
-    width = config.data.max_prompt_len
-    if resume is not None:
-        state, data_state, meta = ckpt.restore(resume, state)
-        data_iter.set_state(data_state)
-        _say(f"resumed from step {resume} ({ckpt.directory})")
-    elif config.sft.steps and task.sft_target is not None:
-        _say(f"warm start: {config.sft.steps} supervised steps (demo only; see sft.py)")
-        from conspo_jax.train.sft import warm_start
-
-        t0 = time.time()
-        new_params = warm_start(
-            graphdef,
-            state.params,
-            rest,
-            task.train_records,
-            task.encode,
-            task.sft_target,
-            tokenizer,
-            steps=config.sft.steps,
-            lr=config.sft.lr,
-            batch_size=config.sft.batch_size,
-            warmup_steps=config.sft.warmup_steps,
+        r, name = config.rollout, config.objective.name
+        self.objective_kwargs = dict(config.objective[name]) if name in config.objective else {}
+        self.objective_fn = get_objective(name)
+        self.total_steps, num_epochs = self._schedule()
+        self.optimizer = make_optimizer(**config.optim)
+        self.state = init_train_state(params, self.optimizer, jax.random.key(config.seed), self.mesh)
+        self.data_iter = make_prompt_dataset(
+            self.task.train_records,
+            batch_size=r.prompts_per_step,
             seed=config.seed,
-            width=width + r.max_new_tokens,
-            mesh=mesh,
-            log=lambda s, loss: _say(f"  sft step {s}: loss {loss:.3f}"),
+            num_epochs=num_epochs,
+            shuffle=config.data.shuffle,
         )
-        state = init_train_state(new_params, optimizer, jax.random.key(config.seed), mesh)
-        _say(f"warm start done in {time.time() - t0:.0f}s")
-    start = int(state.step)
-    writer = MetricsWriter(workdir, resume_step=start if resume is not None else None)
-    engine = _make_engine(config, nnx.merge(graphdef, state.params, rest), tokenizer, mesh, stop_ids, start)
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts)
+        self.resumed = self._restore_or_warm_start()
+        self.start = int(self.state.step)
+        self.writer = MetricsWriter(workdir, resume_step=self.start if self.resumed else None)
+        self.engine = build.make_engine(
+            config,
+            nnx.merge(self.graphdef, self.state.params, self.rest),
+            self.tokenizer,
+            self.mesh,
+            version=self.start,
+        )
+        needs_ref = self.objective_fn.requires_ref_logp(**self.objective_kwargs)
+        self.ref_params = jax.tree.map(jnp.copy, self.state.params) if needs_ref else None
+        self.width = config.data.max_prompt_len
+        self.needs_old_logp = self.objective_fn.uses_old_logp and config.train.mini_batches > 1
+        self.old_logp_fn = make_logprob_fn(self.graphdef, self.width) if self.needs_old_logp else None
+        self.step_fn = self._build_step_fn()
+        self.results = self._load_results()
+        self._nonfinite_run = 0
 
-    ref_params = jax.tree.map(jnp.copy, state.params) if objective_fn.requires_ref_logp(**kwargs) else None
-    micro_groups = config.train.micro_batch_groups or r.prompts_per_step // config.train.mini_batches
-    step_fn = None  # built on the first batch, whose shapes fix the input shardings
-    needs_old = objective_fn.uses_old_logp and config.train.mini_batches > 1
-    old_logp_fn = make_logprob_fn(graphdef, width) if needs_old else None
+    # ---- construction --------------------------------------------------------------------------
 
-    def sync_engine(step):
-        if hasattr(engine, "set_state"):
-            engine.set_state(nnx.merge_state(state.params, rest), step)
-        else:
-            engine.update_weights(nnx.merge(graphdef, state.params, rest), step)
+    def _schedule(self) -> tuple[int, int]:
+        per_step = self.config.rollout.prompts_per_step
+        steps_per_epoch = len(self.task.train_records) // per_step
+        if steps_per_epoch == 0:
+            raise UsageError(
+                f"rollout.prompts_per_step={per_step} exceeds the {len(self.task.train_records)} training prompts"
+            )
+        total = self.config.train.num_steps or steps_per_epoch * self.config.data.num_epochs
+        return total, -(-total // steps_per_epoch)
 
-    results = {}
-    if start == 0 and config.eval.at_start:
-        ev = run_evaluation(engine, task, config, tokenizer, workdir, 0, stop_ids)
-        if ev:
-            results["eval/accuracy_before"] = ev["eval/accuracy"]
-            writer.write(0, ev)
-            _say(f"held-out accuracy before RL: {ev['eval/accuracy']:.3f}")
-    elif resume is not None and os.path.exists(os.path.join(workdir, "results.json")):
-        results.update(json.load(open(os.path.join(workdir, "results.json"))))
+    def _restore_or_warm_start(self) -> bool:
+        resume = self.ckpt.latest_step()
+        if resume is not None:
+            self.state, data_state, _ = self.ckpt.restore(resume, self.state)
+            self.data_iter.set_state(data_state)
+            log.info(f"resumed from step {resume} ({self.ckpt.directory})")
+            return True
+        c = self.config
+        if c.sft.steps and self.task.sft_target is not None:
+            params = cached_warm_start(
+                self.graphdef, self.state.params, self.rest, self.task, self.tokenizer, config=c, mesh=self.mesh
+            )
+            self.state = init_train_state(params, self.optimizer, jax.random.key(c.seed), self.mesh)
+        return False
 
-    from tqdm import tqdm
+    def _example_batch(self) -> RLBatch:
+        """The shapes every micro-batch stack has, fixed by the config before any rollout."""
+        r, t = self.config.rollout, self.config.train
+        num_micro, g_micro = micro_batch_layout(
+            r.prompts_per_step, mini_batches=t.mini_batches, micro_batch_groups=t.micro_batch_groups
+        )
+        rows, width = g_micro * r.n, self.width + r.max_new_tokens
+        f32, i32 = jnp.float32, jnp.int32
 
-    bar = tqdm(
-        total=total_steps, initial=start, desc="train", disable=not config.train.progress_bar, dynamic_ncols=True
-    )
-    row, nonfinite_run = {}, 0
-    for step in range(start, total_steps):
+        def spec(*shape, dtype=f32):
+            return jax.ShapeDtypeStruct((num_micro, rows, *shape), dtype)
+
+        return RLBatch(
+            input_ids=spec(width, dtype=i32),
+            attention_mask=spec(width, dtype=i32),
+            completion_mask=spec(r.max_new_tokens),
+            engine_logp=spec(r.max_new_tokens),
+            rewards=spec(),
+            group_ids=spec(dtype=i32),
+            rollout_mask=spec(),
+            old_logp=spec(r.max_new_tokens) if self.needs_old_logp else None,
+            group_size=r.n,
+        )
+
+    def _build_step_fn(self):
+        kwargs, fn = self.objective_kwargs, self.objective_fn
+        example = self._example_batch()
+        return make_train_step(
+            self.state,
+            example,
+            self.mesh,
+            rest=self.rest,
+            ref_params=self.ref_params,
+            graphdef=self.graphdef,
+            objective=lambda inputs, **kw: fn(inputs, **kw, **kwargs),
+            num_groups=example.num_groups,
+            prompt_len=self.width,
+            optimizer=self.optimizer,
+            tis_cap=float(self.config.rollout.sidecar.tis_cap),
+        )
+
+    def _load_results(self) -> dict:
+        path = os.path.join(self.workdir, "results.json")
+        if self.resumed and os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        return {}
+
+    # ---- stages --------------------------------------------------------------------------------
+
+    def collect(self, step: int) -> RolloutBatch:
+        """Generates the step's rollouts and verifies them (unless the engine already did)."""
+        r = self.config.rollout
         t0 = time.time()
-        records = next(data_iter)  # a list of {id, problem, answer} records
-        prompts = [task.encode(rec) for rec in records]
-        seed = int(jax.random.randint(jax.random.fold_in(jax.random.wrap_key_data(state.rng), step), (), 0, 2**31 - 1))
+        records = next(self.data_iter)  # a list of {id, problem, answer} records
+        prompts = [self.task.encode(rec) for rec in records]
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.state.rng), step)
         sampling = SamplingParams(
             n=r.n,
             temperature=r.temperature,
             top_p=r.top_p,
             top_k=r.top_k,
             max_new_tokens=r.max_new_tokens,
-            stop_token_ids=stop_ids,
-            seed=seed,
+            stop_token_ids=self.stop_ids,
+            seed=int(jax.random.randint(key, (), 0, 2**31 - 1)),
         )
-        if r.backend == "sidecar":  # the sidecar verifies in its worker processes
-            rollouts = engine.generate(
-                prompts,
-                sampling,
-                answers=[rec["answer"] for rec in records],
-                prompt_ids=[str(rec.get("id", i)) for i, rec in enumerate(records)],
-            )
-        else:
-            rollouts = engine.generate(prompts, sampling)
-        t_gen = time.time() - t0
-        answers = [records[g]["answer"] for g in rollouts.group_ids_R]
-        rewards = getattr(rollouts, "rewards_R", None)
+        answers = [rec["answer"] for rec in records]
+        ids = [str(rec.get("id", i)) for i, rec in enumerate(records)]
+        rollouts = self.engine.generate(prompts, sampling, answers=answers, prompt_ids=ids)
+        generate_s = time.time() - t0
+        rewards = rollouts.rewards_R
         if rewards is None:
-            rewards = task.reward(engine_texts(rollouts, tokenizer), answers)
-        batch = build_rl_batch(
-            prompts, rollouts, rewards, prompt_len=width, completion_len=r.max_new_tokens, pad_id=tokenizer.pad_token_id
-        )
-        minis = split_micro_batches(
-            batch, mini_batches=config.train.mini_batches, micro_batch_groups=config.train.micro_batch_groups
-        )
-        if old_logp_fn is not None:
-            for mb in minis:
-                shape = mb["input_ids"].shape
-                flat = old_logp_fn(
-                    state.params,
-                    rest,
-                    mb["input_ids"].reshape(-1, shape[-1]),
-                    mb["attention_mask"].reshape(-1, shape[-1]),
-                )
-                mb["old_logp"] = np.asarray(flat).reshape(shape[0], shape[1], -1)
-        progress = jnp.float32(step / max(total_steps, 1))
-        step_metrics = []
-        if step_fn is None:
-            step_fn = make_train_step(
-                state,
-                minis[0],
-                mesh,
-                rest=rest,
-                ref_params=ref_params,
-                graphdef=graphdef,
-                objective=objective,
-                num_groups=micro_groups,
-                prompt_len=width,
-                optimizer=optimizer,
-                tis_cap=float(r.sidecar.tis_cap),
-            )
-        for mb in minis:
-            state, m = step_fn(state, mb, progress, rest, ref_params)
-            step_metrics.append(m)
-        m = jax.device_get(step_metrics)
-        row = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
-        nonfinite = int(sum(x["nonfinite"] for x in m))
-        nonfinite_run = nonfinite_run + 1 if nonfinite else 0
-        if nonfinite:
-            _say(f"step {step + 1}: non-finite loss or gradient; update skipped")
-            if nonfinite_run >= config.train.max_nonfinite:
-                raise FloatingPointError(f"{nonfinite_run} consecutive non-finite steps; stopping")
-        lens = rollouts.completion_lens_R
-        row.update(
-            {
-                "reward/mean": float(np.mean(rewards)),
-                "response_len/mean": float(np.mean(lens)),
-                "rollout/truncated_frac": float(np.mean([f == "length" for f in rollouts.finish_reasons])),
-                "margin": row.get("objective/margin", 0.0),
-                "time/generate_s": t_gen,
-                "time/step_s": time.time() - t0,
-                "progress": float(progress),
-            }
-        )
-        sync_engine(step + 1)
-        done = step + 1
-        if config.eval.every and (done % config.eval.every == 0 or done == total_steps):
-            row.update(run_evaluation(engine, task, config, tokenizer, workdir, done, stop_ids))
-        writer.write(done, row)
-        bar.update(1)
-        bar.set_postfix(
-            reward=f"{row['reward/mean']:.3f}",
-            **({"eval": f"{row['eval/accuracy']:.3f}"} if "eval/accuracy" in row else {}),
-        )
-        if done % config.train.ckpt_every == 0 or done == total_steps:
-            ckpt.save(done, state, data_iter.get_state(), {"step": done, "weight_version": done})
-            with open(os.path.join(workdir, "results.json"), "w") as f:
-                json.dump(results, f)
-        if config.train.stop_after and done >= config.train.stop_after and done < total_steps:
-            _say(f"stopping after step {done} (train.stop_after)")
-            break
-    bar.close()
-    writer.close()
-    ckpt.close()
-    if int(state.step) == total_steps:
-        if "eval/accuracy" in row:
-            results["eval/accuracy_after"] = row["eval/accuracy"]
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        plot_reward_curve(workdir)
-        if config.train.export_hf:
-            from conspo_jax.models import save_hf_policy
+            texts = self.tokenizer.batch_decode(rollouts.completions(), skip_special_tokens=True)
+            rewards = self.task.reward(texts, [answers[g] for g in rollouts.group_ids_R])
+        return RolloutBatch(records, prompts, rollouts, np.asarray(rewards, np.float32), generate_s)
 
-            export = os.path.join(workdir, "hf")
-            save_hf_policy(nnx.merge(graphdef, state.params, rest), export)
-            tokenizer.save_pretrained(export)
-            _say(f"exported the trained policy as a Hugging Face checkpoint: {export}")
-        if "eval/accuracy_before" in results and "eval/accuracy_after" in results:
-            b, a = results["eval/accuracy_before"], results["eval/accuracy_after"]
-            _say(f"held-out accuracy: before RL {100 * b:.1f}%  after RL {100 * a:.1f}%  ({100 * (a - b):+.1f} points)")
-    if hasattr(engine, "close"):
-        engine.close()
-    return row
+    def make_batches(self, rb: RolloutBatch) -> list[RLBatch]:
+        """One ``RLBatch`` of stacked micro-batches per optimizer update, old-policy log-probs included."""
+        r, t = self.config.rollout, self.config.train
+        batch = build_rl_batch(
+            rb.prompts,
+            rb.rollouts,
+            rb.rewards_R,
+            prompt_len=self.width,
+            completion_len=r.max_new_tokens,
+            pad_id=self.tokenizer.pad_token_id,
+            group_size=r.n,
+        )
+        minis = split_micro_batches(batch, mini_batches=t.mini_batches, micro_batch_groups=t.micro_batch_groups)
+        if self.old_logp_fn is None:
+            return minis
+        return [mb.replace(old_logp=self._old_logp(mb)) for mb in minis]
+
+    def _old_logp(self, mb: RLBatch) -> np.ndarray:
+        m, rows, width = mb.input_ids.shape
+        flat = self.old_logp_fn(
+            self.state.params, self.rest, mb.input_ids.reshape(-1, width), mb.attention_mask.reshape(-1, width)
+        )
+        return np.asarray(flat).reshape(m, rows, -1)
+
+    def update(self, minis: list[RLBatch], step: int) -> dict:
+        """One optimizer update per mini-batch; returns the step's mean metrics."""
+        progress = jnp.float32(step / max(self.total_steps, 1))
+        metrics = []
+        for mb in minis:
+            self.state, m = self.step_fn(self.state, mb, progress, self.rest, self.ref_params)
+            metrics.append(m)
+        metrics = jax.device_get(metrics)
+        row = {k: float(np.mean([x[k] for x in metrics])) for k in metrics[0]}
+        nonfinite = int(sum(x["nonfinite"] for x in metrics))
+        self._nonfinite_run = self._nonfinite_run + 1 if nonfinite else 0
+        if nonfinite:
+            log.info(f"step {step + 1}: non-finite loss or gradient; update skipped")
+            if self._nonfinite_run >= self.config.train.max_nonfinite:
+                raise FloatingPointError(f"{self._nonfinite_run} consecutive non-finite steps; stopping")
+        row["progress"] = float(progress)
+        return row
+
+    def after_step(self, done: int, row: dict) -> None:
+        """Syncs the engine, evaluates when due, logs and checkpoints ``done`` finished steps."""
+        c = self.config
+        self.engine.sync(nnx.merge_state(self.state.params, self.rest), done)
+        if c.eval.every and (done % c.eval.every == 0 or done == self.total_steps):
+            row.update(self.evaluate(done))
+        self.writer.write(done, row)
+        if done % c.train.ckpt_every == 0 or done == self.total_steps:
+            self.ckpt.save(done, self.state, self.data_iter.get_state(), {"step": done, "weight_version": done})
+            self._write_results()
+
+    # ---- evaluation and outputs ------------------------------------------------------------------
+
+    def evaluate(self, step: int) -> dict:
+        """Scalars for metrics.jsonl: held-out accuracy (synthetic task) or the paper's benchmarks (math).
+
+        Both go through ``conspo_jax.evals.evaluate`` with the task's prompt encoding and verifier, and
+        write results.json / samples.jsonl under ``<workdir>/eval/step_<step>``.
+        """
+        c, e = self.config, self.config.eval
+        opts = dict(
+            out_dir=os.path.join(self.workdir, "eval", f"step_{step}"),
+            max_new_tokens=e.max_new_tokens or c.rollout.max_new_tokens,
+            temperature=e.temperature,
+            top_p=e.top_p,
+            stop_token_ids=self.stop_ids,
+            label=f"step {step}",
+            progress=False,
+            encode=self.task.encode,
+            verify=self.task.verify,
+        )
+        if self.task.eval_records:
+            seed = c.seed + _EVAL_SEED_OFFSET
+            res = evaluate(
+                self.engine,
+                self.tokenizer,
+                {HELD_OUT: self.task.eval_records},
+                k_overrides=e.n,
+                seed=seed,
+                chunk_seed=lambda name, start: seed + start,
+                rows_per_call=max(256, len(self.task.eval_records) * e.n),
+                **opts,
+            )
+            return {"eval/accuracy": res["benchmarks"][HELD_OUT]["score"] / 100.0}
+        names = [b for b in str(e.benchmarks).split(",") if b]
+        if not names:
+            return {}
+        res = evaluate(
+            self.engine, self.tokenizer, names, k_overrides=e.k or None, seed=c.seed, limit=e.limit or None, **opts
+        )
+        out = {f"eval/{name}": float(b["score"]) for name, b in res["benchmarks"].items()}
+        out["eval/accuracy"] = float(res["average"])
+        return out
+
+    def _write_results(self, indent=None) -> None:
+        with open(os.path.join(self.workdir, "results.json"), "w") as f:
+            json.dump(self.results, f, indent=indent)
+
+    def evaluate_at_start(self) -> None:
+        if self.start == 0 and self.config.eval.at_start:
+            ev = self.evaluate(0)
+            if ev:
+                self.results["eval/accuracy_before"] = ev["eval/accuracy"]
+                self.writer.write(0, ev)
+                log.info(f"held-out accuracy before RL: {ev['eval/accuracy']:.3f}")
+
+    def finish(self, last_row: dict) -> None:
+        """Results, the reward curve, the HF export and the before/after line of a completed run."""
+        if "eval/accuracy" in last_row:
+            self.results["eval/accuracy_after"] = last_row["eval/accuracy"]
+        self._write_results(indent=2)
+        plot_reward_curve(self.workdir)
+        if self.config.train.export_hf:
+            export = os.path.join(self.workdir, "hf")
+            save_hf_policy(nnx.merge(self.graphdef, self.state.params, self.rest), export)
+            self.tokenizer.save_pretrained(export)
+            log.info(f"exported the trained policy as a Hugging Face checkpoint: {export}")
+        if "eval/accuracy_before" in self.results and "eval/accuracy_after" in self.results:
+            b, a = self.results["eval/accuracy_before"], self.results["eval/accuracy_after"]
+            log.info(
+                f"held-out accuracy: before RL {100 * b:.1f}%  after RL {100 * a:.1f}%  ({100 * (a - b):+.1f} points)"
+            )
+
+    def close(self) -> None:
+        self.writer.close()
+        self.ckpt.close()
+        self.engine.close()
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Trains from the current step to ``total_steps`` (or ``train.stop_after``); returns the last row."""
+        t = self.config.train
+        self.evaluate_at_start()
+        bar = tqdm(
+            total=self.total_steps, initial=self.start, desc="train", disable=not t.progress_bar, dynamic_ncols=True
+        )
+        row = {}
+        for step in range(self.start, self.total_steps):
+            t0 = time.time()
+            rb = self.collect(step)
+            row = self.update(self.make_batches(rb), step)
+            row.update(rollout_metrics(rb, row, t0))
+            done = step + 1
+            self.after_step(done, row)
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{row['reward/mean']:.3f}",
+                **({"eval": f"{row['eval/accuracy']:.3f}"} if "eval/accuracy" in row else {}),
+            )
+            if t.stop_after and t.stop_after <= done < self.total_steps:
+                log.info(f"stopping after step {done} (train.stop_after)")
+                break
+        bar.close()
+        if int(self.state.step) == self.total_steps:
+            self.finish(row)
+        return row
+
+
+def rollout_metrics(rb: RolloutBatch, row: dict, t0: float) -> dict:
+    """Per-step scalars about the rollouts themselves."""
+    return {
+        "reward/mean": float(np.mean(rb.rewards_R)),
+        "response_len/mean": float(np.mean(rb.rollouts.completion_lens_R)),
+        "rollout/truncated_frac": float(np.mean([f == "length" for f in rb.rollouts.finish_reasons])),
+        "margin": row.get("objective/margin", 0.0),
+        "time/generate_s": rb.generate_s,
+        "time/step_s": time.time() - t0,
+    }
+
+
+def train(config, workdir: str) -> dict:
+    """Trains as ``config`` says, writing everything to ``workdir``; returns the final metrics row."""
+    logs.console_unless_configured()
+    trainer = Trainer(config, workdir)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

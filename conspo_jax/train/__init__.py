@@ -1,0 +1,12 @@
+"""Training: the RLVR loop as stages (``Trainer``), the jitted update, batching, checkpoints, metrics.
+
+    from conspo_jax.train import train
+    train(config, workdir)  # what `conspo train` runs; re-running it resumes
+
+This is the top layer: it builds through ``conspo_jax.build`` and evaluates through ``conspo_jax.evals``;
+nothing below it imports it.
+"""
+
+from conspo_jax.train.trainer import RolloutBatch, Trainer, train
+
+__all__ = ["RolloutBatch", "Trainer", "train"]
