@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum setup.cfg | cut -d' ' -f1)
 PYTEST_ARGS ?= -n 2 --durations=15
 
-.PHONY: env test train bench-objectives bench-logprob notebooks proto
+.PHONY: env test lint wheel-smoke train bench-objectives bench-logprob notebooks proto
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,14 @@ env: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# A wheel, installed non-editable into a fresh virtualenv, runs the smoke config from another directory.
+wheel-smoke: $(STAMP)
+	scripts/wheel_smoke.sh $(BIN)/python
 
 train: $(STAMP)
 	$(BIN)/conspo train --config experiments/arith_tiny.py --workdir runs/arith_tiny
