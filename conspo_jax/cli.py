@@ -25,6 +25,9 @@ commands:
 
 def _train_flags(fv):
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, TensorBoard).", flag_values=fv)
+    flags.DEFINE_bool(
+        "allow_config_change", False, "Resume a run even if its config differs from the run's.", flag_values=fv
+    )
 
 
 def _eval_flags(fv):
@@ -49,7 +52,7 @@ def _run_train(fv):
 
     if not fv.workdir:
         raise UsageError("--workdir is required for train")
-    train(fv.config, fv.workdir)
+    train(fv.config, fv.workdir, allow_config_change=fv.allow_config_change)
     return 0
 
 

@@ -13,36 +13,41 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
+    """Saves and restores the train state, the data-iterator state, run metadata and, for objectives
+    with a KL term, the frozen reference parameters (so a resumed run keeps the run's reference)."""
+
     def __init__(self, directory: str, *, keep: int = 2):
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_names=("state", "data", "meta"),
+            item_names=("state", "data", "meta", "ref"),
         )
 
     def latest_step(self):
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, meta: dict) -> None:
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
-            ),
+    def save(self, step: int, state, data_state: dict, meta: dict, ref_params=None) -> None:
+        items = dict(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
         )
+        if ref_params is not None:
+            items["ref"] = ocp.args.StandardSave(ref_params)
+        self.manager.save(step, args=ocp.args.Composite(**items))
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_state):
-        """Returns (state, data_state, meta) with the state placed as ``abstract_state`` says."""
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
-            ),
-        )
-        return out["state"], out["data"], out["meta"]
+    def restore(self, step: int, abstract_state, abstract_ref=None):
+        """Returns (state, data_state, meta, ref_params) placed as the abstract trees say (ref: None
+        unless ``abstract_ref`` is given)."""
+
+        def target(tree):
+            return ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+
+        items = dict(state=target(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+        if abstract_ref is not None:
+            items["ref"] = target(abstract_ref)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out["state"], out["data"], out["meta"], out["ref"] if abstract_ref is not None else None
 
     def close(self):
         self.manager.close()

@@ -20,10 +20,8 @@ class MetricsWriter:
 
         self.path = os.path.join(workdir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(self.path):
-            keep = [line for line in open(self.path) if line.strip() and json.loads(line)["step"] <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(self.path + ".tmp", self.path)
+            keep = [json.dumps(r) + "\n" for r in read_metrics(workdir) if r["step"] <= resume_step]
+            atomic_write(self.path, "".join(keep))
         elif resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -42,8 +40,30 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of metrics.jsonl. A torn last line (a kill mid-write) is dropped; a bad line anywhere
+    else means the file was damaged, which is an error naming the line."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+    return rows
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` so that a reader (or a kill) sees the old file or the new one, never half."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def plot_reward_curve(workdir: str, out_name: str = "reward_curve.png") -> str | None:

@@ -29,7 +29,7 @@ from conspo_jax.objectives import get_objective
 from conspo_jax.rollout import Rollouts, SamplingParams
 from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
 from conspo_jax.train.checkpoint import Checkpointer
-from conspo_jax.train.metrics import MetricsWriter, plot_reward_curve
+from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
 from conspo_jax.train.sft import cached_warm_start
 from conspo_jax.train.step import init_train_state, make_logprob_fn, make_optimizer, make_train_step
 
@@ -53,13 +53,15 @@ class RolloutBatch:
 class Trainer:
     """One training run: builds everything from ``config`` and owns the state between stages."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, *, allow_config_change: bool = False):
         build.validate(config)
+        check_resume_config(config, workdir, allow_config_change=allow_config_change)
         build.enable_compilation_cache(config)
         self.config, self.workdir = config, workdir
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_to_json(config))
+        try:
+            os.makedirs(workdir, exist_ok=True)
+        except OSError as e:  # a path under a file, no permission, ...
+            raise UsageError(f"--workdir {workdir!r}: {e.strerror or e}") from None
         self.tokenizer = build.build_tokenizer(config)
         self.task = build.build_task(config, self.tokenizer)
         self.mesh = build.build_mesh(config)
@@ -81,8 +83,10 @@ class Trainer:
             shuffle=config.data.shuffle,
         )
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts)
-        self.resumed = self._restore_or_warm_start()
-        self.start = int(self.state.step)
+        needs_ref = self.objective_fn.requires_ref_logp(**self.objective_kwargs)
+        # RL steps done; the optimizer's state.step counts updates (train.mini_batches per RL step).
+        self.start, self.ref_params = self._restore_or_warm_start(needs_ref)
+        self.resumed = self.ckpt.latest_step() is not None
         self.writer = MetricsWriter(workdir, resume_step=self.start if self.resumed else None)
         self.engine = build.make_engine(
             config,
@@ -91,14 +95,14 @@ class Trainer:
             self.mesh,
             version=self.start,
         )
-        needs_ref = self.objective_fn.requires_ref_logp(**self.objective_kwargs)
-        self.ref_params = jax.tree.map(jnp.copy, self.state.params) if needs_ref else None
         self.width = config.data.max_prompt_len
         self.needs_old_logp = self.objective_fn.uses_old_logp and config.train.mini_batches > 1
         self.old_logp_fn = make_logprob_fn(self.graphdef, self.width) if self.needs_old_logp else None
         self.step_fn = self._build_step_fn()
         self.results = self._load_results()
         self._nonfinite_run = 0
+        # Written last: a run whose config fails to build leaves an existing run directory untouched.
+        atomic_write(os.path.join(workdir, "config.json"), config_to_json(config))
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -112,20 +116,25 @@ class Trainer:
         total = self.config.train.num_steps or steps_per_epoch * self.config.data.num_epochs
         return total, -(-total // steps_per_epoch)
 
-    def _restore_or_warm_start(self) -> bool:
+    def _restore_or_warm_start(self, needs_ref: bool):
+        """(RL steps already done, reference params). The reference policy (KL terms) is the policy RL started from:
+        a copy taken after the warm start, saved in every checkpoint and restored from it, never
+        re-copied from the resumed parameters."""
         resume = self.ckpt.latest_step()
         if resume is not None:
-            self.state, data_state, _ = self.ckpt.restore(resume, self.state)
+            self.state, data_state, meta, ref = self.ckpt.restore(
+                resume, self.state, self.state.params if needs_ref else None
+            )
             self.data_iter.set_state(data_state)
             log.info(f"resumed from step {resume} ({self.ckpt.directory})")
-            return True
+            return int(meta["step"]), ref
         c = self.config
         if c.sft.steps and self.task.sft_target is not None:
             params = cached_warm_start(
                 self.graphdef, self.state.params, self.rest, self.task, self.tokenizer, config=c, mesh=self.mesh
             )
             self.state = init_train_state(params, self.optimizer, jax.random.key(c.seed), self.mesh)
-        return False
+        return 0, jax.tree.map(jnp.copy, self.state.params) if needs_ref else None
 
     def _example_batch(self) -> RLBatch:
         """The shapes every micro-batch stack has, fixed by the config before any rollout."""
@@ -169,11 +178,18 @@ class Trainer:
         )
 
     def _load_results(self) -> dict:
+        """results.json of the run being resumed; if it is unreadable (a pre-atomic-write crash), the
+        before-RL accuracy is recovered from metrics.jsonl's step-0 row."""
         path = os.path.join(self.workdir, "results.json")
-        if self.resumed and os.path.exists(path):
+        if not self.resumed or not os.path.exists(path):
+            return {}
+        try:
             with open(path) as f:
                 return json.load(f)
-        return {}
+        except json.JSONDecodeError:
+            rows = [r for r in read_metrics(self.workdir) if r["step"] == 0 and "eval/accuracy" in r]
+            log.info(f"{path} was unreadable; rebuilt it from metrics.jsonl")
+            return {"eval/accuracy_before": rows[0]["eval/accuracy"]} if rows else {}
 
     # ---- stages --------------------------------------------------------------------------------
 
@@ -253,7 +269,8 @@ class Trainer:
             row.update(self.evaluate(done))
         self.writer.write(done, row)
         if done % c.train.ckpt_every == 0 or done == self.total_steps:
-            self.ckpt.save(done, self.state, self.data_iter.get_state(), {"step": done, "weight_version": done})
+            meta = {"step": done, "weight_version": done}
+            self.ckpt.save(done, self.state, self.data_iter.get_state(), meta, self.ref_params)
             self._write_results()
 
     # ---- evaluation and outputs ------------------------------------------------------------------
@@ -300,8 +317,7 @@ class Trainer:
         return out
 
     def _write_results(self, indent=None) -> None:
-        with open(os.path.join(self.workdir, "results.json"), "w") as f:
-            json.dump(self.results, f, indent=indent)
+        atomic_write(os.path.join(self.workdir, "results.json"), json.dumps(self.results, indent=indent))
 
     def evaluate_at_start(self) -> None:
         if self.start == 0 and self.config.eval.at_start:
@@ -342,7 +358,7 @@ class Trainer:
         bar = tqdm(
             total=self.total_steps, initial=self.start, desc="train", disable=not t.progress_bar, dynamic_ncols=True
         )
-        row = {}
+        row, done = {}, self.start
         for step in range(self.start, self.total_steps):
             t0 = time.time()
             rb = self.collect(step)
@@ -359,7 +375,7 @@ class Trainer:
                 log.info(f"stopping after step {done} (train.stop_after)")
                 break
         bar.close()
-        if int(self.state.step) == self.total_steps:
+        if done == self.total_steps:
             self.finish(row)
         return row
 
@@ -376,10 +392,65 @@ def rollout_metrics(rb: RolloutBatch, row: dict, t0: float) -> dict:
     }
 
 
-def train(config, workdir: str) -> dict:
-    """Trains as ``config`` says, writing everything to ``workdir``; returns the final metrics row."""
+# Keys a resumed run may change without --allow_config_change: the length of training, and settings that
+# do not change what is computed (where the sidecar listens, the progress bar, the compilation cache).
+RESUME_MAY_CHANGE = (
+    "train.num_steps",
+    "train.stop_after",
+    "data.num_epochs",
+    "train.progress_bar",
+    "train.keep_ckpts",
+    "xla_cache_dir",
+    "rollout.sidecar.address",
+    "rollout.sidecar.token",
+    "rollout.sidecar.deadline_s",
+)
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(config, workdir: str, *, allow_config_change: bool = False) -> None:
+    """A run resumed from ``workdir`` with another config stops with a line naming the keys that differ."""
+    path = os.path.join(workdir, "config.json")
+    ckpts = os.path.join(workdir, "checkpoints")
+    if allow_config_change or not os.path.isfile(path) or not os.path.isdir(ckpts):
+        return
+    if not any(d.isdigit() for d in os.listdir(ckpts)):
+        return
+    try:
+        with open(path) as f:
+            before = _flatten(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(
+            f"{path}: the run's config is unreadable ({e}); pass --allow_config_change to resume"
+        ) from None
+    now = _flatten(json.loads(config_to_json(config)))
+    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+    if differ:
+        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
+        more = f" (+{len(differ) - 6} more)" if len(differ) > 6 else ""
+        raise UsageError(
+            f"--workdir {workdir!r} holds a run with another config ({shown}{more}); "
+            "use a new --workdir, or --allow_config_change to resume it anyway"
+        )
+
+
+def train(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+    """Trains as ``config`` says, writing everything to ``workdir``; returns the final metrics row.
+
+    Re-running it on the same ``workdir`` resumes; a config that differs from the run's (beyond
+    ``RESUME_MAY_CHANGE``) is refused unless ``allow_config_change``.
+    """
     logs.console_unless_configured()
-    trainer = Trainer(config, workdir)
+    trainer = Trainer(config, workdir, allow_config_change=allow_config_change)
     try:
         return trainer.run()
     finally:
