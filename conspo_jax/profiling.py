@@ -476,11 +476,16 @@ def summary_row(
     model_flops_per_token: float,
     step_seconds: Sequence[float] | None = None,
     facts: dict | None = None,
+    program_facts: dict | None = None,
     peak_flops: float | None = None,
     peak_flops_how: str = "",
     measured_peak_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """One JSON-ready row of the summary: times (median step), rates, FLOPs, MFU, memory, HLO facts."""
+    """One JSON-ready row of the summary: times (median step), rates, FLOPs, MFU, memory, HLO facts.
+
+    facts: `hlo_facts` of the optimised HLO (FLOPs, copies, cuDNN, f32 dots as compiled). program_facts:
+    `hlo_facts` of the StableHLO, i.e. the dtypes as the program was written. They differ on XLA:CPU,
+    which upcasts bf16 matmuls to f32, so a CPU proof about f32 dots reads program_facts."""
     step_s = statistics.median(step_seconds) if step_seconds else None
     tok_s = tokens_per_step / step_s if step_s else None
     executed = (facts or {}).get("dot_flops") or None
@@ -505,6 +510,9 @@ def summary_row(
     if facts:
         for key in ("cudnn_attention", "num_f32_dots", "num_f32_vocab_dots", "kv_cache_copies", "f32_dot_shapes"):
             row[key] = facts.get(key)
+    if program_facts:
+        for key in ("num_f32_dots", "num_f32_vocab_dots", "f32_dot_shapes"):
+            row[f"program_{key}"] = program_facts.get(key)
     return row
 
 
@@ -512,6 +520,12 @@ def _num(x, fmt: str, scale: float = 1.0) -> str:
     if x is None:
         return "-"
     return format(x, fmt) if scale == 1.0 else format(x / scale, fmt)
+
+
+def _pair(r: dict, key: str) -> str:
+    """'compiled/program' counts when both are known, else the compiled one."""
+    compiled = _num(r.get(key), "d")
+    return compiled if r.get(f"program_{key}") is None else f"{compiled}/{r[f'program_{key}']}"
 
 
 def summary_table(rows: Sequence[dict]) -> str:
@@ -528,8 +542,8 @@ def summary_table(rows: Sequence[dict]) -> str:
         ("meas GiB", 9, lambda r: _num(r.get("measured_peak_bytes"), ".2f", 2**30)),
         ("compile s", 9, lambda r: _num(r.get("compile_s"), ".1f")),
         ("cuDNN", 5, lambda r: "-" if r.get("cudnn_attention") is None else ("yes" if r["cudnn_attention"] else "no")),
-        ("f32 dots", 8, lambda r: _num(r.get("num_f32_dots"), "d")),
-        ("f32 TxV", 7, lambda r: _num(r.get("num_f32_vocab_dots"), "d")),
+        ("f32 dots", 8, lambda r: _pair(r, "num_f32_dots")),
+        ("f32 TxV", 7, lambda r: _pair(r, "num_f32_vocab_dots")),
         ("KV copies", 9, lambda r: _num(r.get("kv_cache_copies"), "d")),
     ]
     header = " ".join(f"{title:>{w}}" if i else f"{title:<{w}}" for i, (title, w, _) in enumerate(cols))
@@ -542,7 +556,9 @@ def summary_table(rows: Sequence[dict]) -> str:
     lines.append("MFU peak: " + ("; ".join(peaks) if peaks else "none given"))
     lines.append(
         "exec = matmul FLOPs counted in the optimised HLO (loop trip counts applied); peak GiB = compiled "
-        "args + outputs + temps - aliases; meas GiB = device peak_bytes_in_use"
+        "args + outputs + temps - aliases; meas GiB = device peak_bytes_in_use; f32 dots, f32 TxV = "
+        "compiled HLO/StableHLO counts (XLA:CPU upcasts bf16 matmuls, so on CPU the StableHLO count is the one "
+        "that carries over to GPU)"
     )
     return "\n".join(lines)
 

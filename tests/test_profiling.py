@@ -149,6 +149,7 @@ def test_measure_matmul_peak_and_summary_table():
         model_flops_per_token=4e6,
         step_seconds=[0.3, 0.1, 0.2],
         facts=facts,
+        program_facts=dict(num_f32_dots=1, num_f32_vocab_dots=0),
         peak_flops=1e12,
         peak_flops_how="given",
     )
@@ -158,4 +159,5 @@ def test_measure_matmul_peak_and_summary_table():
     table = P.summary_table([row])
     line = table.splitlines()[2]
     assert line.startswith("train") and "5,000" in line and "1.100" in line and "3.00" in line and "2.0%" in line
+    assert " 2/1 " in line and " 0/0 " in line  # f32 dots: compiled HLO / StableHLO
     assert "1.00 TFLOP/s (given)" in table
