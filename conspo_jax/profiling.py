@@ -302,6 +302,8 @@ def _stablehlo_facts(text: str, vocab_size: int | None) -> dict[str, Any]:
         custom_call_targets=sorted(targets),
         kv_cache_copies=0,
         dot_flops=None,
+        fused_attention_flops=None,
+        executed_flops=None,
         unknown_trip_counts=None,
     )
 
@@ -344,6 +346,10 @@ def hlo_facts(
       loop trip counts applied: a decode-step program should have none).
     - dot_flops: 2 * M * N * K summed over every matmul, times how often its computation runs (known
       while-loop trip counts applied; unknown_trip_counts says how many loops had none and counted 1).
+    - fused_attention_flops: an estimate for cuDNN attention calls, whose matmuls are no dots: forward
+      2 matmuls (QK^T, PV) of 2 * |q| * S FLOPs, backward 5 (QK^T recomputed, dV, dP, dQ, dK), halved
+      when the call's mask is causal; S is the key length (from bmm1's dimension numbers, else k's
+      dim 1, the BTNH layout). Included in executed_flops = dot_flops + fused_attention_flops.
     """
     if "stablehlo." in hlo_text or "func.func" in hlo_text:
         return _stablehlo_facts(hlo_text, vocab_size)
@@ -352,7 +358,7 @@ def hlo_facts(
         raise ValueError("hlo_facts hlo_text has no ENTRY computation: pass compiled.as_text()")
     mult, unknown = _multiplicities(comps, entry)
     cache = {tuple(int(d) for d in s) for s in kv_cache_shapes}
-    dots, targets, flops, copies = [], set(), 0, 0
+    dots, targets, flops, copies, attn_flops = [], set(), 0, 0, 0.0
     for comp, instrs in comps.items():
         for instr in instrs:
             op, attrs = instr["opcode"], instr["attrs"]
@@ -360,6 +366,8 @@ def hlo_facts(
             if target:
                 targets.add(target.group(1))
             is_gemm = target is not None and re.search(r"gemm|matmul", target.group(1), re.I)
+            if target and _is_cudnn_attention(target.group(1)):
+                attn_flops += _fused_attention_flops(target.group(1), instr, shapes) * mult.get(comp, 0)
             if op in ("copy", "copy-start") and instr["shape"] and instr["shape"][1] in cache:
                 copies += mult.get(comp, 0)
             if op != "dot" and not is_gemm:
@@ -376,8 +384,30 @@ def hlo_facts(
         custom_call_targets=sorted(targets),
         kv_cache_copies=copies,
         dot_flops=float(flops),
+        fused_attention_flops=attn_flops,
+        executed_flops=float(flops) + attn_flops,
         unknown_trip_counts=unknown,
     )
+
+
+def _fused_attention_flops(target: str, instr: dict, shapes) -> float:
+    q, k = (_operand_shape(o, shapes) for o in (instr["operands"] + ["", ""])[:2])
+    if not q or not k or len(k[1]) < 2:
+        return 0.0
+    rhs_batch = _json_dims(instr["attrs"], "bmm1_dot_dimension_numbers", "rhs_batch_dimensions")
+    rhs_contract = _json_dims(instr["attrs"], "bmm1_dot_dimension_numbers", "rhs_contracting_dimensions")
+    if rhs_batch is not None and rhs_contract is not None:
+        seq = math.prod(d for i, d in enumerate(k[1]) if i not in rhs_batch + rhs_contract)
+    else:
+        seq = k[1][1]
+    matmuls = 5 if "backward" in target.lower() else 2
+    causal = re.search(r'"mask_type":"[A-Z_]*CAUSAL', instr["attrs"]) is not None
+    return matmuls * 2.0 * math.prod(q[1]) * seq * (0.5 if causal else 1.0)
+
+
+def _json_dims(attrs: str, block: str, key: str) -> tuple[int, ...] | None:
+    m = re.search(rf'"{block}":\{{[^}}]*"{key}":\[([^\]]*)\]', attrs)
+    return tuple(int(d.strip('" ')) for d in m.group(1).split(",") if d.strip('" ')) if m else None
 
 
 # ----------------------------------------------------------------------------------------- traces
@@ -488,7 +518,7 @@ def summary_row(
     which upcasts bf16 matmuls to f32, so a CPU proof about f32 dots reads program_facts."""
     step_s = statistics.median(step_seconds) if step_seconds else None
     tok_s = tokens_per_step / step_s if step_s else None
-    executed = (facts or {}).get("dot_flops") or None
+    executed = (facts or {}).get("executed_flops") or None
     exec_per_tok = executed / tokens_per_step if executed else None
     mfu = tok_s * model_flops_per_token / peak_flops if tok_s and peak_flops else None
     row = dict(
@@ -555,7 +585,8 @@ def summary_table(rows: Sequence[dict]) -> str:
     )
     lines.append("MFU peak: " + ("; ".join(peaks) if peaks else "none given"))
     lines.append(
-        "exec = matmul FLOPs counted in the optimised HLO (loop trip counts applied); peak GiB = compiled "
+        "exec = matmul FLOPs counted in the optimised HLO (loop trip counts applied; cuDNN attention "
+        "estimated); peak GiB = compiled "
         "args + outputs + temps - aliases; meas GiB = device peak_bytes_in_use; f32 dots, f32 TxV = "
         "compiled HLO/StableHLO counts (XLA:CPU upcasts bf16 matmuls, so on CPU the StableHLO count is the one "
         "that carries over to GPU)"

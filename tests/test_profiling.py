@@ -89,7 +89,7 @@ def test_hlo_facts_finds_the_f32_tokens_by_vocab_dot(tmp_path, which):
     assert P.hlo_facts(open(bwd[f"{which}_path"]).read(), vocab_size=v + 1)["num_f32_vocab_dots"] == 0
 
 
-def test_hlo_facts_counts_kv_cache_copies_and_cudnn_calls():
+def test_hlo_facts_counts_kv_cache_copies():
     cache = (2, 3, 8, 2, 4)
     two = jax.jit(lambda c: (c, c)).lower(jnp.ones(cache)).compile().as_text()
     assert P.hlo_facts(two, kv_cache_shapes=[cache])["kv_cache_copies"] == 2
@@ -98,16 +98,42 @@ def test_hlo_facts_counts_kv_cache_copies_and_cudnn_calls():
     swap = jax.jit(lambda c: jax.lax.fori_loop(0, 3, lambda i, a: (a[1], a[0]), (c, 2 * c)))
     per_loop = P.hlo_facts(swap.lower(jnp.ones(cache)).compile().as_text(), kv_cache_shapes=[cache])
     assert per_loop["kv_cache_copies"] >= 6
-    # A GPU module's cuDNN flash attention is a custom call (hand-written: no GPU here).
-    gpu_hlo = (
-        "HloModule m\n\nENTRY %main (q: bf16[1,8,2,4]) -> bf16[1,8,2,4] {\n"
-        "  %q = bf16[1,8,2,4]{3,2,1,0} parameter(0)\n"
-        '  %fmha = (bf16[1,8,2,4]{3,2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax"\n'
-        "  ROOT %out = bf16[1,8,2,4]{3,2,1,0} get-tuple-element(%fmha), index=0\n}\n"
-    )
-    facts = P.hlo_facts(gpu_hlo)
-    assert facts["cudnn_attention"] and facts["custom_call_targets"] == ["__cudnn$fmhaSoftmax"]
-    assert not P.hlo_facts(gpu_hlo.replace("cudnn$fmha", "cublas$gemm"))["cudnn_attention"]
+
+
+# A GPU module as XLA:GPU prints it (hand-written: no GPU here): matmuls are cuBLAS custom calls and
+# flash attention a cuDNN one, with their dimension numbers in backend_config.
+_GPU_HLO = """HloModule m
+
+ENTRY %main (a: bf16[16,64], b: bf16[64,32], q: bf16[2,128,4,16], k: bf16[2,128,4,16]) -> bf16[16,32] {
+  %a = bf16[16,64]{1,0} parameter(0)
+  %b = bf16[64,32]{1,0} parameter(1)
+  %q = bf16[2,128,4,16]{3,2,1,0} parameter(2)
+  %k = bf16[2,128,4,16]{3,2,1,0} parameter(3)
+  %gemm = (bf16[16,32]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", \
+backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],\
+"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %fmha = (bf16[2,128,4,16]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %k), custom_call_target="__cudnn$fmhaSoftmax", \
+backend_config={"cudnn_fmha_backend_config":{"bmm1_dot_dimension_numbers":{"lhs_contracting_dimensions":["3"],\
+"rhs_contracting_dimensions":["3"],"lhs_batch_dimensions":["0","2"],"rhs_batch_dimensions":["0","2"]},\
+"mask_type":"CAUSAL"}}
+  ROOT %out = bf16[16,32]{1,0} get-tuple-element(%gemm), index=0
+}
+"""
+
+
+def test_hlo_facts_reads_cublas_and_cudnn_calls():
+    facts = P.hlo_facts(_GPU_HLO)
+    assert facts["cudnn_attention"] and "__cudnn$fmhaSoftmax" in facts["custom_call_targets"]
+    assert facts["num_dots"] == 1 and facts["num_f32_dots"] == 0
+    assert facts["dot_flops"] == 2 * 16 * 32 * 64
+    q_elems, keys = 2 * 128 * 4 * 16, 128
+    # Forward: QK^T and PV, 2 * |q| * S each, halved by the causal mask.
+    assert facts["fused_attention_flops"] == 2 * 2 * q_elems * keys * 0.5
+    assert facts["executed_flops"] == facts["dot_flops"] + facts["fused_attention_flops"]
+    bwd = P.hlo_facts(_GPU_HLO.replace("fmhaSoftmax", "fmhaSoftmaxBackward").replace('"CAUSAL"', '"NO_MASK"'))
+    assert bwd["fused_attention_flops"] == 5 * 2 * q_elems * keys
+    plain = P.hlo_facts(_GPU_HLO.replace("cudnn$fmha", "cublas$gemm"))
+    assert not plain["cudnn_attention"] and plain["fused_attention_flops"] == 0
 
 
 def test_trace_steps_writes_xplane_perfetto_and_memory_profile(tmp_path):
@@ -141,7 +167,7 @@ def test_measure_matmul_peak_and_summary_table():
     peak = P.measure_matmul_peak(jnp.float32, 128, repeats=2, rounds=2)
     assert math.isfinite(peak) and peak > 1e6
     report = dict(flops=1e9, compile_s=1.5, peak_bytes=3 * 2**30)
-    facts = dict(dot_flops=4.4e9, cudnn_attention=False, num_f32_dots=2, num_f32_vocab_dots=0, kv_cache_copies=0)
+    facts = dict(executed_flops=4.4e9, cudnn_attention=False, num_f32_dots=2, num_f32_vocab_dots=0, kv_cache_copies=0)
     row = P.summary_row(
         "train",
         report=report,
@@ -161,3 +187,15 @@ def test_measure_matmul_peak_and_summary_table():
     assert line.startswith("train") and "5,000" in line and "1.100" in line and "3.00" in line and "2.0%" in line
     assert " 2/1 " in line and " 0/0 " in line  # f32 dots: compiled HLO / StableHLO
     assert "1.00 TFLOP/s (given)" in table
+
+
+def test_cost_and_memory_analyses_of_any_jax_version():
+    # cost_analysis(): a dict (jax >= 0.4.30), a list of per-program dicts (older), or None.
+    assert P._cost_dict({"flops": 3.0, "bytes accessed": 8, "note": "x"}) == {"flops": 3.0, "bytes accessed": 8.0}
+    assert P._cost_dict([{"flops": 3.0}, {"flops": 4.0, "bytes accessed": 1.0}]) == {
+        "flops": 7.0,
+        "bytes accessed": 1.0,
+    }
+    assert P._cost_dict(None) == {}
+    none = P._memory_dict(None)
+    assert none["peak_bytes"] is None and none["temp_bytes"] is None
