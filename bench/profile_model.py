@@ -215,7 +215,8 @@ def main(argv=None) -> None:
             )
         )
     P.save_json(dict(rows=rows, programs=reports, argv=sys.argv), os.path.join(args.out, "summary.json"))
-    print(f"\nwrote {args.out}/{{train,decode}}.{{stablehlo,hlo}}.txt, trace_*/, summary.json")
+    traces = "" if args.compile_only else ", trace_*/"
+    print(f"\nwrote {args.out}: *.stablehlo.txt, *.hlo.txt{traces}, summary.json")
     print(P.summary_table(rows))
 
 

@@ -561,7 +561,7 @@ def _pair(r: dict, key: str) -> str:
 def summary_table(rows: Sequence[dict]) -> str:
     """The summary rows (from `summary_row`) as a fixed-width text table, one line per row."""
     cols = [
-        ("program", 22, lambda r: str(r["name"])[:22]),
+        ("program", 34, lambda r: str(r["name"])[:34]),
         ("step s", 9, lambda r: _num(r.get("step_s"), ".4f")),
         ("tok/s", 10, lambda r: _num(r.get("tokens_per_s"), ",.0f")),
         ("model GF/tok", 12, lambda r: _num(r.get("model_flops_per_token"), ".3f", 1e9)),
