@@ -16,8 +16,9 @@
 #   ../shared/gpu/fetch_wheels.sh        # fills .whl/ with the wheels the GPU image lacks
 # and take .whl/ along with the checkout; this script installs them from .whl/ when present and
 # downloads nothing. Logs of every part, the HLO, traces and summary.json go to DIR (default
-# $OUT/gpu_suite when $OUT is set, else /tmp/gpu_suite.<date>). Time limits per part (seconds) can be
-# changed with LOGPROB_S, SAMPLER_S, PROFILE_S; PYTHON picks the interpreter (default python3).
+# /tmp/gpu_suite.<date>); when $OUT is set (the device tool's folder that comes back, at most 8 files)
+# the logs, status.tsv, summary.json and the final table are also copied there. Time limits per part
+# (seconds): LOGPROB_S, SAMPLER_S, PROFILE_S; PYTHON picks the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,9 +32,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ -z "$out" ]; then
-  if [ -n "${OUT:-}" ]; then out="$OUT/gpu_suite"; else out="/tmp/gpu_suite.$(date -u +%Y%m%dT%H%M%S)"; fi
-fi
+[ -n "$out" ] || out="/tmp/gpu_suite.$(date -u +%Y%m%dT%H%M%S)"
 mkdir -p "$out"
 
 # JAX must not take 75% of the GPU up front: torch runs in the same command. Output arrives even when cut.
@@ -42,7 +41,7 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY="${PYTHON:-python3}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   site=$(mktemp -d)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
   export PYTHONPATH="$PWD:$site"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -92,5 +91,11 @@ run_part profile "$PROFILE_S" "$PY" bench/profile_model.py "${profile_args[@]}" 
 
 echo
 echo "logs, HLO, traces: $out"
-cat "$out/header.txt"
-"$PY" bench/suite_table.py "$out"
+{
+  cat "$out/header.txt"
+  "$PY" bench/suite_table.py "$out"
+} | tee "$out/table.txt"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ "$out" != "$OUT" ]; then
+  cp "$out"/*.log "$out/status.tsv" "$out/table.txt" "$OUT"/ 2> /dev/null
+  [ -f "$out/profile/summary.json" ] && cp "$out/profile/summary.json" "$OUT/profile_summary.json"
+fi

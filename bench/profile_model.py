@@ -195,7 +195,8 @@ def main(argv=None) -> None:
                     return tok
 
                 make_args = lambda i: (step_params, rest, None, *inputs[1:])  # noqa: E731
-            seconds = P.trace_steps(step_fn, args.steps, os.path.join(args.out, f"trace_{name}"), make_args=make_args)
+            trace_dir = os.path.join(args.out, f"trace_{name}")
+            seconds = P.trace_steps(step_fn, args.steps, trace_dir, make_args=make_args, annotation=name)
             # The device's peak is per process, so it belongs to the first (largest) program only.
             stats = device.memory_stats() or {}
             measured = stats.get("peak_bytes_in_use") if name == "train" else None

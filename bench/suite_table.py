@@ -73,7 +73,8 @@ def main(logdir: str) -> None:
             mfu = "-" if r.get("mfu") is None else f"{r['mfu']:.1%}"
             ratio = "-" if r.get("executed_over_model") is None else f"{r['executed_over_model']:.3f}"
             note = (
-                f"exec/model {ratio}, MFU {mfu}, f32 TxV dots {r.get('num_f32_vocab_dots')}, "
+                f"exec/model {ratio}, MFU {mfu}, f32 TxV dots (HLO/StableHLO) {r.get('num_f32_vocab_dots')}/"
+                f"{r.get('program_num_f32_vocab_dots')}, "
                 f"cuDNN {r.get('cudnn_attention')}, KV copies {r.get('kv_cache_copies')}"
             )
             name = r["name"].split()

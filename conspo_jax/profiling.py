@@ -430,11 +430,17 @@ def trace_files(out_dir: str | os.PathLike) -> dict[str, str | None]:
 
 
 def trace_steps(
-    step_fn: Callable, n: int, out_dir: str | os.PathLike, *, make_args: Callable[[int], tuple], warmup: int = 1
+    step_fn: Callable,
+    n: int,
+    out_dir: str | os.PathLike,
+    *,
+    make_args: Callable[[int], tuple],
+    warmup: int = 1,
+    annotation: str = "train",
 ) -> list[float]:
     """Runs `warmup` untraced steps, then n traced steps; returns each traced step's seconds.
 
-    Step i calls step_fn(*make_args(i)) inside StepTraceAnnotation("train", step_num=i) and blocks on
+    Step i calls step_fn(*make_args(i)) inside StepTraceAnnotation(annotation, step_num=i) and blocks on
     its outputs. The previous step's outputs are dropped before the next step's arguments are made, so
     the device never holds two steps' outputs at once. Writes (see `trace_files`):
     out_dir/plugins/profile/<run>/<host>.xplane.pb (TensorBoard profile plugin / XProf),
@@ -453,7 +459,7 @@ def trace_steps(
             out = None  # free the previous step's outputs first
             args = make_args(i)
             t0 = time.perf_counter()
-            with jax.profiler.StepTraceAnnotation("train", step_num=i):
+            with jax.profiler.StepTraceAnnotation(annotation, step_num=i):
                 out = jax.block_until_ready(step_fn(*args))
             seconds.append(time.perf_counter() - t0)
             del args
