@@ -61,7 +61,8 @@ fi
 
 {
   echo "date: $(date -u +%FT%TZ)  host: $(hostname)  mode: $([ "$cpu" = 1 ] && echo cpu || echo gpu)"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+  dirty=$(git diff --quiet 2> /dev/null || echo ' (dirty)')
+  echo "commit: $(git rev-parse --short HEAD 2> /dev/null || echo unknown)$dirty"
   command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tail -1
 } | tee "$out/header.txt"

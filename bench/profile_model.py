@@ -143,7 +143,8 @@ def main(argv=None) -> None:
     print(f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}", flush=True)
     config, graphdef, params, rest = build(args)
     print(
-        f"arch: {'cpu tiny' if args.cpu else args.arch}: {config.num_params() / 1e9:.3f} B params, vocab {config.vocab_size}"
+        f"arch: {'cpu tiny' if args.cpu else args.arch}: {config.num_params() / 1e9:.3f} B params, "
+        f"vocab {config.vocab_size}"
     )
 
     peak, peak_how = args.peak_flops, "given"
