@@ -47,12 +47,13 @@ def main() -> None:
     pool.wait_ready()
     for size in args.sizes:
         for name, (resp, gt) in adversarial(size).items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 score = math_reward(resp, gt)
             except Exception as e:  # noqa: BLE001 - reported, the run goes on
                 score = f"raised {type(e).__name__}"
-            print(f"  {size:>8d} chars  {name:<28s} {time.perf_counter() - t0:8.3f} s  score {score}")
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            print(f"  {size:>8d} chars  {name:<28s} wall {wall:7.3f} s  cpu {cpu:7.3f} s  score {score}")
 
     serial = burst(args.concurrent, threading.Lock())
     shared = burst(args.concurrent, None)

@@ -21,6 +21,10 @@ class EngineHandle:
     engine: RolloutEngine
     load_weights: Callable[[str, int], None]
     tokenizer: str | None = None  # decoding tokenizer spec for verification (see verifiers.load_tokenizer)
+    # Request limits the server checks before the engine sees a request (None: not checked).
+    vocab_size: int | None = None  # every prompt / stop token id must be < vocab_size
+    max_prompt_len: int | None = None  # tokens per prompt
+    max_total_len: int | None = None  # prompt tokens + max_new_tokens (the model's positions)
 
     @property
     def version(self) -> int:
@@ -49,7 +53,7 @@ class _SlowMock(MockEngine):
         return super().generate(prompts, params)
 
 
-def _build_mock(config, *, delay_s: float = 0.0, **_):
+def _build_mock(config, *, delay_s: float = 0.0, vocab_size: int = 1024, max_prompt_len: int | None = None, **_):
     engine = _SlowMock(delay_s=delay_s, eos_id=1, script=mock_script)
 
     def load(path, version):
@@ -57,7 +61,7 @@ def _build_mock(config, *, delay_s: float = 0.0, **_):
             raise FileNotFoundError(f"weights dir {path!r} does not exist")
         engine.update_weights(None, version)
 
-    return EngineHandle("mock", engine, load, tokenizer=None)
+    return EngineHandle("mock", engine, load, tokenizer=None, vocab_size=vocab_size, max_prompt_len=max_prompt_len)
 
 
 def _cfg(config, dotted: str, default=None):
@@ -131,7 +135,15 @@ def _build_jax(config, *, cache_dtype=None, **_):
             engine.update_weights(new, version)
 
     spec = config.tokenizer or ("arith" if config.task == "arith" else config.model.path)
-    return EngineHandle("jax", engine, load, tokenizer=spec)
+    return EngineHandle(
+        "jax",
+        engine,
+        load,
+        tokenizer=spec,
+        vocab_size=policy.config.vocab_size,
+        max_prompt_len=config.data.max_prompt_len or None,
+        max_total_len=policy.config.max_position_embeddings,
+    )
 
 
 def _layout(state):
