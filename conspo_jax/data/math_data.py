@@ -441,6 +441,8 @@ def load_dataset_spec(
         return load_records(spec, fmt, limit=limit)
     if spec.startswith("hf:") or canonical_name(spec) in BENCHMARKS:
         return load_benchmark(spec, data_dir, limit=limit)
+    if os.path.sep in spec or os.path.splitext(spec)[1].lower() in _FORMATS:
+        raise DataError(f"no such data file: {spec!r}")
     raise DataError(
         f"dataset {spec!r} is neither a known name ({', '.join(BENCHMARKS)}), an existing file, "
         "nor 'hf:<dataset>[:split]'"

@@ -108,7 +108,7 @@ def check_rewards(rewards_R: Any, rollout_mask_R: Any = None) -> None:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise ValueError(
-            f"rewards[{row}] = {rewards[row]!r} is not finite ({int(bad.sum())} non-finite reward(s) among "
+            f"rewards[{row}] = {float(rewards[row])} is not finite ({int(bad.sum())} non-finite reward(s) among "
             f"{rewards.size} rollouts); rewards must be finite numbers"
         )
 
