@@ -444,3 +444,12 @@ def test_safetensors_header_length_past_the_file_end(tmp_path):
     path.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(UsageError, match="header length 1099511627776, file size 10 bytes"):
         read_header(str(path))
+
+
+def test_eval_of_a_truncated_hf_checkpoint_is_one_line(tmp_path, capsys):
+    d = str(tmp_path / "hf")
+    path = _write_checkpoint(d, truncate_by=100)
+    code = cli_main(["conspo", "eval", "--config", ARITH + ":smoke", "--hf", d, "--workdir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{path}: truncated or corrupt" in err[0], err
+    assert not (tmp_path / "out").exists()

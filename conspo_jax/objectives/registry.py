@@ -100,7 +100,9 @@ def check_rewards(rewards_R: Any, rollout_mask_R: Any = None) -> None:
     rewards = np.asarray(rewards_R)
     if rewards.ndim != 1:
         raise ValueError(f"rewards must be [R], got shape {rewards.shape}")
-    if not np.issubdtype(rewards.dtype, np.number) or np.issubdtype(rewards.dtype, np.complexfloating):
+    if rewards.dtype != np.bool_ and (
+        not np.issubdtype(rewards.dtype, np.number) or np.issubdtype(rewards.dtype, np.complexfloating)
+    ):
         raise ValueError(f"rewards must be real numbers, got dtype {rewards.dtype}")
     bad = ~np.isfinite(rewards.astype(np.float64))
     if rollout_mask_R is not None and _is_concrete(rollout_mask_R):
