@@ -41,6 +41,9 @@ def _sidecar_flags(fv):
     flags.DEFINE_enum("engine", "jax", ["jax", "sglang"], "Rollout engine behind the sidecar.", flag_values=fv)
     flags.DEFINE_integer("port", None, "Port (default: the config's rollout.sidecar.port).", flag_values=fv)
     flags.DEFINE_string("host", None, "Bind address (default 127.0.0.1).", flag_values=fv)
+    flags.DEFINE_bool(
+        "allow_insecure_public", False, "Serve a non-loopback --host without a token (unsafe).", flag_values=fv
+    )
 
 
 # Each command imports its own stack inside its runner: `conspo --help` and a bad flag answer without
@@ -70,7 +73,9 @@ def _run_eval(fv):
 def _run_sidecar(fv):
     from conspo_jax.sidecar.server import serve_from_cli
 
-    serve_from_cli(fv.config, engine_name=fv.engine, port=fv.port, host=fv.host)
+    serve_from_cli(
+        fv.config, engine_name=fv.engine, port=fv.port, host=fv.host, allow_insecure_public=fv.allow_insecure_public
+    )
     return 0
 
 

@@ -28,11 +28,33 @@ def load_config_module(spec: str) -> ml_collections.ConfigDict:
         raise UsageError(f"--config: no such config file {path!r}")
     name = "conspo_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise UsageError(f"--config: {path!r} is not a Python module (expected path/to/config.py)")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    # A config module is user code: whatever goes wrong in it is one line naming the module, never a
+    # traceback from deep inside the import machinery.
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise UsageError(f"--config: {path}: syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - reported as one line, see above
+        raise UsageError(f"--config: {path} failed to import: {_describe(e)}") from None
+    if not callable(getattr(module, "get_config", None)):
         raise UsageError(f"--config: {path!r} defines no get_config(arg)")
-    return module.get_config(arg) if arg else module.get_config()
+    call = f"{path}:get_config({arg!r})" if arg else f"{path}:get_config()"
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # noqa: BLE001 - e.g. an unknown :arg; one line naming the module
+        raise UsageError(f"--config: {call} failed: {_describe(e)}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise UsageError(f"--config: {call} returned {type(config).__name__}, expected an ml_collections.ConfigDict")
+    return config
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: message`` on one line (a multi-line message keeps its first line)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _override_keys(argv):

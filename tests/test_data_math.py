@@ -130,7 +130,7 @@ def test_load_records_formats_and_errors(tmp_path):
         md.load_records(str(custom), problem_field="q")
     with pytest.raises(ValueError, match="row 0: no problem field"):
         md.load_records(str(custom))
-    with pytest.raises(FileNotFoundError, match="CONSPO_DATA_DIR"):
+    with pytest.raises(md.DataError, match="CONSPO_DATA_DIR"):
         md.load_records(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="format must be one of"):
         md.load_records(str(p), format="xml")

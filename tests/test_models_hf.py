@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed: HF parity tests need it")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
+from conspo_jax.configs import UsageError  # noqa: E402
 from conspo_jax.models import hidden_states, mask_positions, token_logprobs  # noqa: E402
 from conspo_jax.models.hf_io import load_hf_policy, save_hf_policy  # noqa: E402
 
@@ -178,7 +179,7 @@ def test_sharded_bf16_checkpoint_loads_and_reexports_bit_exact(tmp_path):
 
 
 def test_load_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(UsageError, match="config.json"):
         load_hf_policy(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type='gpt2'"):

@@ -104,7 +104,7 @@ def test_bad_hyperparameter_values():
         (dict(group_ids=jnp.array([0.0, 0, 1, 1])), "inputs.group_ids must be integer"),
         (dict(group_ids=jnp.array([0, 0, 1, 2], jnp.int32)), r"group_ids must lie in \[0, num_groups=2\)"),
         (dict(group_ids=jnp.array([-1, 0, 1, 1], jnp.int32)), r"got range \[-1, 1\]"),
-        (dict(token_logp=jnp.ones(4)), r"token_logp must be \[R, T\]"),
+        (dict(token_logp=jnp.ones(4)), r"token_logp must be \[R, C\]"),
         (dict(old_logp=None), "needs inputs.old_logp"),
     ],
 )

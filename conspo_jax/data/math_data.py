@@ -23,13 +23,19 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from conspo_jax.configs import UsageError
 from conspo_jax.rewards.extract import extract_boxed
 
 DATA_DIR_ENV = "CONSPO_DATA_DIR"
 log = logging.getLogger(__name__)
 
 
-class MissingAnswerError(ValueError):
+class DataError(UsageError):
+    """A data file or dataset name that cannot be used: missing, unreadable, empty, truncated, of an
+    unknown format, or a row without a required field. The message names the file (and row / field)."""
+
+
+class MissingAnswerError(DataError):
     """A row has no usable answer; training sets skip such rows, evaluation sets refuse them."""
 
 
@@ -47,30 +53,81 @@ def default_data_dir() -> str:
 _FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def _parse_int(text: str):
+    # json.loads refuses integers of more than 4300 digits (Python's conversion limit); keep them as text.
+    return int(text) if len(text) < 4000 else text
+
+
 def read_rows(path: str, format: str | None = None) -> list[dict]:
-    """Raw rows of a jsonl / json (array, or {"data": [...]}) / parquet / csv file."""
+    """Raw rows of a jsonl / json (array, or {"data": [...]}) / parquet / csv file.
+
+    Raises ``DataError`` naming the file (and line) for a missing, unreadable, empty or truncated file,
+    an unknown extension, or rows that are not objects.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such data file: {path!r} (set ${DATA_DIR_ENV} or pass data_dir)")
-    fmt = format or _FORMATS.get(os.path.splitext(path)[1].lower())
+        raise DataError(f"no such data file: {path!r} (set ${DATA_DIR_ENV} or pass data_dir)")
+    ext = os.path.splitext(path)[1].lower()
+    fmt = format or _FORMATS.get(ext)
+    if fmt is None:
+        raise DataError(
+            f"{path}: unknown data file extension {ext!r} (expected one of {', '.join(_FORMATS)}, or name the "
+            "format: data.train_format)"
+        )
+    if fmt not in _FORMATS.values():
+        raise DataError(f"format must be one of jsonl/json/parquet/csv, got {fmt!r} for {path!r}")
+    try:
+        rows = _read(path, fmt)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    if not rows:
+        raise DataError(f"{path}: empty data file (no rows)")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} row {i}: expected an object with problem/answer fields, got {type(row).__name__}")
+    return rows
+
+
+def _read(path: str, fmt: str) -> list:
     if fmt == "jsonl":
+        rows = []
         with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line, parse_int=_parse_int))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        return rows
     if fmt == "json":
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            text = f.read()
+        if not text.strip():
+            return []
+        try:
+            data = json.loads(text, parse_int=_parse_int)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+            raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
         return data
     if fmt == "parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    if fmt == "csv":
-        with open(path, encoding="utf-8", newline="") as f:
+        try:
+            return pq.read_table(path).to_pylist()
+        except pyarrow.ArrowException as e:
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
             return list(csv.DictReader(f))
-    raise ValueError(f"format must be one of jsonl/json/parquet/csv, got {fmt!r} for {path!r}")
+        except csv.Error as e:
+            raise DataError(f"{path}: not a readable csv file ({e})") from None
 
 
 # --- field normalisation -----------------------------------------------------------------------------
@@ -171,11 +228,14 @@ def normalize_row(
     """One raw row as ``{id, problem, answer}``; a missing field raises naming the file and row."""
     pf, problem = (problem_field, _get(row, problem_field)) if problem_field else _first(row, _PROBLEM_FIELDS)
     if problem is None:
-        raise ValueError(
+        raise DataError(
             f"{source} row {index}: no problem field (tried {problem_field or _PROBLEM_FIELDS}); keys are {sorted(row)}"
         )
     if pf == "prompt" or not isinstance(problem, str):
-        problem = _prompt_text(problem)
+        try:
+            problem = _prompt_text(problem)
+        except ValueError as e:
+            raise DataError(f"{source} row {index}: field {pf!r}: {e}") from None
     if _get(row, "extra_info.raw_problem"):  # DAPO eval parquet keeps the unwrapped problem
         problem = _get(row, "extra_info.raw_problem")
     af, answer = (answer_field, _get(row, answer_field)) if answer_field else _first(row, _ANSWER_FIELDS)
@@ -189,11 +249,11 @@ def normalize_row(
         if answer is None:
             raise MissingAnswerError(f"{source} row {index}: solution has no \\boxed{{}} answer")
     _, rid = (id_field, _get(row, id_field)) if id_field else _first(row, _ID_FIELDS)
-    return {
-        "id": str(index if rid is None else rid),
-        "problem": clean_problem(str(problem)),
-        "answer": answer_string(answer),
-    }
+    try:
+        answer = answer_string(answer)
+    except ValueError as e:
+        raise DataError(f"{source} row {index}: field {af!r}: {e}") from None
+    return {"id": str(index if rid is None else rid), "problem": clean_problem(str(problem)), "answer": answer}
 
 
 def load_records(
@@ -222,7 +282,9 @@ def load_records(
 def _gsm8k(row: dict, i: int, source: str) -> dict:
     sol = row.get("answer")
     if not isinstance(sol, str) or "####" not in sol:
-        raise ValueError(f"{source} row {i}: GSM8K answer has no '####' final answer: {sol!r:.80}")
+        raise DataError(f"{source} row {i}: GSM8K answer has no '####' final answer: {sol!r:.80}")
+    if not isinstance(row.get("question"), str):
+        raise DataError(f"{source} row {i}: no 'question' field; keys are {sorted(row)}")
     final = sol.rsplit("####", 1)[1].strip().replace(",", "")
     return {"id": str(i), "problem": row["question"].strip(), "answer": final}
 
@@ -297,7 +359,7 @@ ALIASES = {
 def benchmark_spec(name: str) -> BenchmarkSpec:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in BENCHMARKS:
-        raise ValueError(
+        raise DataError(
             f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)}; or a file path, or 'hf:<dataset>[:split]')"
         )
     return BENCHMARKS[key]
@@ -374,12 +436,14 @@ def load_dataset_spec(
     """What a config's ``data.train`` names: a registry name, a local file (``fmt`` forces its format),
     or ``hf:<dataset>[:split]``. One clear error for anything else."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
+        raise DataError(f"dataset spec must be a non-empty string, got {spec!r}")
     if os.path.isfile(spec):
         return load_records(spec, fmt, limit=limit)
     if spec.startswith("hf:") or canonical_name(spec) in BENCHMARKS:
         return load_benchmark(spec, data_dir, limit=limit)
-    raise ValueError(
+    if os.path.sep in spec or os.path.splitext(spec)[1].lower() in _FORMATS:
+        raise DataError(f"no such data file: {spec!r}")
+    raise DataError(
         f"dataset {spec!r} is neither a known name ({', '.join(BENCHMARKS)}), an existing file, "
         "nor 'hf:<dataset>[:split]'"
     )

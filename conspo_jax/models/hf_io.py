@@ -24,7 +24,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors.numpy import save_file
 
 from conspo_jax.models.config import ModelConfig
-from conspo_jax.models.safetensors_io import CheckpointReader
+from conspo_jax.models.safetensors_io import CheckpointError, CheckpointReader, check_checkpoint_files, read_header
 from conspo_jax.models.sharding import state_shardings
 from conspo_jax.models.transformer import Transformer, abstract_policy
 
@@ -98,6 +98,42 @@ def _stacked(path: tuple[str, ...]) -> bool:
     return path[0] == "layers"
 
 
+def read_hf_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory's config.json; ``CheckpointError`` (a UsageError) naming
+    the file when it is missing, not JSON, or describes an unsupported model."""
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no such checkpoint directory {path!r}")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"checkpoint directory {path!r} has no config.json")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise CheckpointError(f"{cfg_path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    try:
+        return ModelConfig.from_hf(cfg)
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_path}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+
+
+def check_hf_checkpoint(path: str | os.PathLike) -> ModelConfig:
+    """Cheap up-front check of a checkpoint directory (no tensor data is read): config.json parses and
+    every safetensors file (those the index lists, or all in the directory) exists and has a header
+    consistent with its size. Returns the ModelConfig; raises ``CheckpointError`` naming the file."""
+    config = read_hf_config(path)
+    for file in check_checkpoint_files(path):
+        read_header(file)
+    return config
+
+
 def load_hf_policy(
     path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, mesh: Mesh | None = None, **opts
 ) -> Transformer:
@@ -107,9 +143,7 @@ def load_hf_policy(
     its devices in its sharding (`mesh`), converted to `param_dtype`.
     """
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"load_hf_policy path={path!r} has no config.json")
-    config = ModelConfig.from_hf(path)
+    config = read_hf_config(path)
     reader = CheckpointReader(path)
     model = abstract_policy(config, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **opts)
     graphdef, abs_state = nnx.split(model)

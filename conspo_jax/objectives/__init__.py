@@ -9,6 +9,10 @@ segment reductions over a flat batch (no Python loop over groups) and runs under
 
 Registered names: conspo, conspo_no_contrastive, conspo_no_loglik, conspo_no_margin,
 conspo_fixed_margin, grpo, dapo, dr_grpo, disco, gmpo, cispo, sapo, gspo.
+
+Non-finite rewards are an error for every objective: ``check_rewards(rewards_R)`` (called by each
+objective on concrete inputs, and by the trainer on the host before its jitted step) raises ValueError
+naming the rollout row and value.
 """
 
 # Imported for their registrations.
@@ -30,6 +34,7 @@ from conspo_jax.objectives.grpo import (
 from conspo_jax.objectives.registry import (
     Objective,
     ObjectiveInputs,
+    check_rewards,
     get_objective,
     list_objectives,
     register_objective,
@@ -42,6 +47,7 @@ __all__ = [
     "tis_weights",
     "Objective",
     "ObjectiveInputs",
+    "check_rewards",
     "clipped_ratio_scores",
     "conspo_objective",
     "dapo_dynamic_sampling_filter",

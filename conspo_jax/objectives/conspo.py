@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from conspo_jax.objectives.advantages import GroupSplit, split_groups
 from conspo_jax.objectives.registry import (
@@ -35,8 +36,10 @@ def margin_schedule(progress, *, max_margin: float, warmup_ratio: float) -> jax.
     """Eq. 16: m_t = (M/2)(1 - cos(pi * min(lambda_t / alpha, 1))).
 
     Args:
-      progress: lambda_t, training progress in [0, 1] (Python float or traced scalar; values outside
-        [0, 1] are clamped).
+      progress: lambda_t, training progress in [0, 1] (Python float or traced scalar; finite values
+        outside [0, 1] are clamped). A concrete NaN or +-inf raises ValueError; a traced NaN cannot
+        raise inside jit and propagates (m_t and J become NaN, which the trainer's non-finite guard
+        counts), so compute progress on the host.
       max_margin: the target margin M >= 0.
       warmup_ratio: alpha in (0, 1], the fraction of training over which the margin rises from 0 to M.
     """
@@ -44,6 +47,8 @@ def margin_schedule(progress, *, max_margin: float, warmup_ratio: float) -> jax.
     check_positive("margin_schedule", warmup_ratio=warmup_ratio)
     if isinstance(warmup_ratio, (int, float)) and warmup_ratio > 1:
         raise ValueError(f"margin_schedule: warmup_ratio must be in (0, 1], got {warmup_ratio!r}")
+    if not isinstance(progress, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(progress, dtype=np.float64))):
+        raise ValueError(f"margin_schedule: progress must be a finite number in [0, 1], got {progress!r}")
     progress = jnp.clip(jnp.asarray(progress, dtype=jnp.result_type(float)), 0.0, 1.0)
     rho = jnp.minimum(progress / warmup_ratio, 1.0)
     return 0.5 * max_margin * (1.0 - jnp.cos(jnp.pi * rho))

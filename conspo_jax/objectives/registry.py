@@ -11,6 +11,12 @@ gradient exactly as ``J = sum_m J_m n_m / sum_m n_m``.
 Registered objectives are plain functions ``f(inputs, *, num_groups, progress, **hparams)``; the
 registry wraps each in an :class:`Objective` that validates hyperparameter names, the inputs, and which
 optional log-probs the objective needs.
+
+Non-finite rewards (NaN, +-inf) are an error, the same for every objective: ``check_rewards`` raises
+ValueError naming the first offending rollout row and its value. ``Objective.__call__`` applies it
+whenever the rewards are concrete; inside ``jax.jit`` they are traced and nothing can raise, so the
+trainer calls ``check_rewards`` on the host before the jitted step. What an objective computes from a
+non-finite reward that bypassed the check is unspecified (the objectives used to disagree).
 """
 
 from __future__ import annotations
@@ -83,6 +89,32 @@ def validate_inputs(inputs: ObjectiveInputs, num_groups: int, objective: str) ->
             )
 
 
+def check_rewards(rewards_R: Any, rollout_mask_R: Any = None) -> None:
+    """Raises ValueError naming the first real rollout whose reward is NaN or +-inf.
+
+    ``rollout_mask_R`` (1 on real rollouts) exempts padding rows, which may hold anything. Host-side:
+    call it on concrete arrays before a jitted step; a traced argument is skipped.
+    """
+    if not _is_concrete(rewards_R):
+        return
+    rewards = np.asarray(rewards_R)
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be [R], got shape {rewards.shape}")
+    if rewards.dtype != np.bool_ and (
+        not np.issubdtype(rewards.dtype, np.number) or np.issubdtype(rewards.dtype, np.complexfloating)
+    ):
+        raise ValueError(f"rewards must be real numbers, got dtype {rewards.dtype}")
+    bad = ~np.isfinite(rewards.astype(np.float64))
+    if rollout_mask_R is not None and _is_concrete(rollout_mask_R):
+        bad &= np.asarray(rollout_mask_R).astype(bool)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"rewards[{row}] = {float(rewards[row])} is not finite ({int(bad.sum())} non-finite reward(s) among "
+            f"{rewards.size} rollouts); rewards must be finite numbers"
+        )
+
+
 class Objective:
     """A registered objective: call it as ``J, aux = obj(inputs, num_groups=G, progress=p, **hparams)``.
 
@@ -143,6 +175,7 @@ class Objective:
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         self.check_hparams(hparams)
         validate_inputs(inputs, num_groups, self.name)
+        check_rewards(inputs.rewards, inputs.rollout_mask)
         if self.uses_old_logp and inputs.old_logp is None:
             raise ValueError(
                 f"objective {self.name!r} needs inputs.old_logp (got None); for a purely on-policy "

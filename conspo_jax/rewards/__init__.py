@@ -6,6 +6,13 @@ Public API:
   RewardPool                                              reusable worker pool (context manager)
   Verdict                                                 score + extracted answer + how it was decided
   extract_boxed(text) -> str | None                       content of the last \\boxed{} / \\fbox{}
+
+Bounds, whatever the response: box extraction and the in-process checks are linear in its length
+(a megabyte of look-alike commands or braces costs at most ~0.1 s of CPU); integers of any length compare as
+digit strings (no int-conversion limit); answers over MAX_ANSWER_CHARS that those checks do not
+decide score 0.0; everything else runs in a worker with a CPU budget (default 1.5 s, extended up to
+4x only while the worker is starved of CPU by other processes). Concurrent callers share every
+worker. bench/verifier.py measures it.
 """
 
 from conspo_jax.rewards.api import default_pool, math_reward, math_reward_batch, shutdown_default_pool

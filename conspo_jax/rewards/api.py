@@ -42,17 +42,22 @@ atexit.register(shutdown_default_pool)
 def math_reward(response: str, ground_truth, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
     """1.0 if the last ``\\boxed{}`` answer in ``response`` equals ``ground_truth``, else 0.0.
 
-    Easy cases (no box, identical answers, integers) never leave this process; the rest go to a shared
-    worker pool, so a pathological answer costs at most ``timeout_s`` once the pool is warm.
+    Easy cases (no box, identical answers, integers of any length) never leave this process and cost
+    time linear in ``len(response)``; an answer or ground truth over ``MAX_ANSWER_CHARS`` that they do
+    not decide scores 0.0; the rest go to a shared worker pool, so a pathological answer costs at most
+    ``timeout_s`` once the pool is warm. Calls from many threads at once are spread over all workers.
     """
     if not isinstance(response, str):
         raise TypeError(f"math_reward: response must be str, got {type(response).__name__}")
     box = ex.extract_boxed(response)
-    if box is None or len(box) > ex.MAX_ANSWER_CHARS:
+    if box is None:
         return 0.0
-    quick = ex.quick_verdict(ex.normalize_answer(box), ex.ground_truth_answer(ground_truth))
+    pred, gold = ex.normalize_answer(box), ex.ground_truth_answer(ground_truth)
+    quick = ex.quick_verdict(pred, gold)
     if quick is not None:
         return quick[0]
+    if max(len(pred), len(gold)) > ex.MAX_ANSWER_CHARS:
+        return 0.0
     return float(default_pool().score([response], [ground_truth], timeout_s=timeout_s)[0])
 
 

@@ -17,16 +17,24 @@ busy at timeout_s of wall time (work stuck in C code). On an idle machine a path
 costs at most timeout_s. On a machine whose CPUs other processes hog, a worker that has not yet had its
 CPU budget by the deadline is waiting for a CPU, not stuck: it keeps running up to ``max_wall_s``
 (default 4 x timeout_s) so that a correct answer is not scored 0 just because the machine was busy.
+
+Threads: many threads may call ``verify`` at once (e.g. 200 ``math_reward`` callers). Every call puts
+its tasks on one shared queue; whichever caller holds the driver lock feeds the queue to every free
+worker and collects every reply, its own and other callers', until its own tasks are done, then hands
+the lock to the next waiting caller. So concurrent callers are served by all workers, not one at a
+time (bench/verifier.py measures it).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -59,6 +67,24 @@ class Verdict:
     extracted: str | None
     reason: str
     cpu_s: float | None = None  # worker CPU seconds spent on it (None: decided in the parent)
+
+
+@dataclasses.dataclass(eq=False)
+class _Batch:
+    """One ``verify`` call's share of the work: filled in by whichever thread drives the workers."""
+
+    verdicts: list
+    extracted: list
+    timeout_s: float
+    max_wall_s: float
+    remaining: int
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def finish(self, i: int, verdict: Verdict) -> None:
+        self.verdicts[i] = verdict
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.done.set()
 
 
 def default_num_workers() -> int:
@@ -154,8 +180,9 @@ class RewardPool:
     """Verifies (response, ground truth) pairs in parallel with a hard per-task deadline.
 
     Reusable across training steps; use it as a context manager or call ``close()``. Calls from several
-    threads are serialised. Workers start in the background at construction (about a second each to
-    import sympy), so build the pool before the first rollout to hide that.
+    threads share the workers (see the module docstring). Workers start in the background at
+    construction (about a second each to import sympy), so build the pool before the first rollout to
+    hide that.
 
     num_workers:      verifier processes (default: cores - 1, between 1 and 8).
     timeout_s:        limit per verification once a worker has it (CPU-time in the worker, wall-clock
@@ -163,6 +190,8 @@ class RewardPool:
     max_wall_s:       the limit for a worker starved of CPU by other processes (default 4 x timeout_s).
     memory_limit_mb:  address-space cap of each worker.
     start_timeout_s:  how long to wait for a first worker to come up before raising.
+    max_answer_chars: answers (and ground truths) longer than this that the in-process checks do not
+                      decide score 0.0 without reaching a worker.
     """
 
     def __init__(
@@ -185,7 +214,17 @@ class RewardPool:
         self.max_answer_chars = int(max_answer_chars)
         self.max_wall_s = None if max_wall_s is None else float(max_wall_s)
         self._owner = os.getpid()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the driver lock: its holder alone touches workers and _inflight
+        self._queue_lock = threading.Lock()  # guards _pending, which every caller appends to
+        self._pending: collections.deque = collections.deque()  # (batch, index, pred, gold)
+        self._inflight: dict[int, tuple[_Worker, _Batch, int]] = {}  # task id -> (worker, batch, index)
+        self._task_ids = itertools.count()
+        # A caller that queues work while the driver sleeps in select() wakes it through this pipe.
+        # (Socket objects, not raw pipe fds: a late write after close() raises instead of landing in
+        # whatever file reused the fd number.)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._closed = False
         self._workers: list[_Worker] = []
         self.num_timeouts = 0  # total over the pool's life, for logging
@@ -202,7 +241,8 @@ class RewardPool:
     def _drop(self, w: _Worker) -> None:
         """Kills ``w`` and starts its replacement at once, so it warms up while others work."""
         w.kill()
-        self._workers.remove(w)
+        if w in self._workers:
+            self._workers.remove(w)
         self.num_restarts += 1
         self._top_up()
 
@@ -218,16 +258,26 @@ class RewardPool:
             while not all(w.ready for w in self._workers):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"RewardPool: workers not ready after {timeout_s or self.start_timeout_s}s")
-                self._pump({}, [], [], 0.5)
+                self._pump(0.5)
 
     def close(self) -> None:
-        """Stops every worker (EOF, then SIGKILL after a short grace). Idempotent."""
+        """Stops every worker (EOF, then SIGKILL after a short grace). Idempotent.
+
+        Waits for a caller that is driving the workers to finish its batch; callers still waiting fail
+        with RuntimeError("RewardPool is closed").
+        """
         if self._closed or os.getpid() != self._owner:
             return
         self._closed = True
-        for w in self._workers:
-            w.shutdown(grace_s=1.0)
-        self._workers = []
+        with self._lock:
+            for w in self._workers:
+                w.shutdown(grace_s=1.0)
+            self._workers = []
+            self._inflight.clear()
+            with self._queue_lock:
+                self._pending.clear()
+            self._wake_r.close()
+            self._wake_w.close()
 
     def __enter__(self) -> RewardPool:
         return self
@@ -254,7 +304,7 @@ class RewardPool:
         if len(responses) != len(ground_truths):
             raise ValueError(f"RewardPool.verify: {len(responses)} responses but {len(ground_truths)} ground truths")
         verdicts: list[Verdict | None] = [None] * len(responses)
-        todo: collections.deque = collections.deque()
+        todo = []
         extracted: list[str | None] = []
         for i, (resp, gt) in enumerate(zip(responses, ground_truths)):
             if not isinstance(resp, str):
@@ -264,19 +314,24 @@ class RewardPool:
             if box is None:
                 verdicts[i] = Verdict(0.0, None, ex.NO_BOX)
                 continue
-            if len(box) > self.max_answer_chars:
-                verdicts[i] = Verdict(0.0, box[:200], ex.TOO_LONG)
-                continue
+            # Linear-time checks first: a 5000-digit integer that matches is scored, however long.
             pred, gold = ex.normalize_answer(box), ex.ground_truth_answer(gt)
             quick = ex.quick_verdict(pred, gold)
             if quick is not None:
-                verdicts[i] = Verdict(quick[0], box, quick[1])
+                verdicts[i] = Verdict(quick[0], box if len(box) <= self.max_answer_chars else box[:200], quick[1])
+            elif max(len(pred), len(gold)) > self.max_answer_chars:
+                verdicts[i] = Verdict(0.0, box[:200], ex.TOO_LONG)
             else:
                 todo.append((i, pred, gold))
         if todo:
-            with self._lock:
-                self._check_open()
-                self._run(todo, verdicts, extracted, self.timeout_s if timeout_s is None else float(timeout_s))
+            self._check_open()
+            timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
+            max_wall_s = 4 * timeout_s if self.max_wall_s is None else self.max_wall_s
+            batch = _Batch(verdicts, extracted, timeout_s, max_wall_s, len(todo))
+            with self._queue_lock:
+                self._pending.extend((batch, i, pred, gold) for i, pred, gold in todo)
+            self._wake()
+            self._wait_for(batch)
         return verdicts  # type: ignore[return-value]
 
     def score(self, responses: Sequence[str], ground_truths: Sequence, *, timeout_s: float | None = None) -> np.ndarray:
@@ -285,75 +340,122 @@ class RewardPool:
 
     __call__ = score
 
-    def _run(self, todo, verdicts, extracted, timeout_s) -> None:
-        inflight: dict[int, _Worker] = {}
+    def _wake(self) -> None:
         try:
-            self._loop(todo, verdicts, extracted, timeout_s, inflight)
-        finally:
-            for w in set(inflight.values()):  # interrupted mid-batch: no worker may keep a stale task
+            self._wake_w.send(b"x")
+        except OSError:  # pipe full (a wake-up is pending anyway) or pool closed
+            pass
+
+    def _wait_for(self, batch: _Batch) -> None:
+        """Returns once ``batch`` is done, driving the workers whenever no other caller does."""
+        while not batch.done.is_set():
+            if self._lock.acquire(timeout=0.05):
+                try:
+                    if not batch.done.is_set():
+                        self._check_open()
+                        self._drive(batch)
+                finally:
+                    self._lock.release()
+            elif self._closed:
+                raise RuntimeError("RewardPool is closed")
+
+    def _drive(self, batch: _Batch) -> None:
+        """Feeds every caller's tasks to free workers until ``batch`` is done (driver lock held)."""
+        waiting_since = time.monotonic()
+        try:
+            while not batch.done.is_set():
+                self._top_up()
+                self._dispatch()
+                if not any(w.ready for w in self._workers):
+                    if time.monotonic() - waiting_since > self.start_timeout_s:
+                        raise RuntimeError(
+                            f"RewardPool: no verifier worker came up within {self.start_timeout_s}s "
+                            f"(try `{sys.executable} -m conspo_jax.rewards._worker` to see why)"
+                        )
+                else:
+                    waiting_since = time.monotonic()
+                busy = [w.deadline for w, _, _ in self._inflight.values()]
+                wait = max(0.0, min(busy) - time.monotonic()) if busy else 0.5
+                self._pump(wait)
+                self._expire()
+        except BaseException:
+            self._abandon(batch)
+            raise
+
+    def _abandon(self, batch: _Batch) -> None:
+        """Interrupted mid-batch: drop its queued tasks; no worker may keep one of its stale tasks."""
+        with self._queue_lock:
+            self._pending = collections.deque(t for t in self._pending if t[0] is not batch)
+        for tid, (w, b, _) in list(self._inflight.items()):
+            if b is batch:
+                del self._inflight[tid]
                 self._drop(w)
 
-    def _loop(self, todo, verdicts, extracted, timeout_s, inflight) -> None:
-        waiting_since = time.monotonic()
-        while todo or inflight:
-            self._top_up()
-            for w in self._workers:
-                if todo and w.ready and w.task is None:
-                    i, pred, gold = todo.popleft()
-                    try:
-                        w.send(i, pred, gold, timeout_s, 4 * timeout_s if self.max_wall_s is None else self.max_wall_s)
-                        inflight[i] = w
-                    except (BrokenPipeError, OSError):  # died between tasks: not this task's fault
-                        todo.appendleft((i, pred, gold))
-                        self._drop(w)
-            if not any(w.ready for w in self._workers):
-                if time.monotonic() - waiting_since > self.start_timeout_s:
-                    raise RuntimeError(
-                        f"RewardPool: no verifier worker came up within {self.start_timeout_s}s "
-                        f"(try `{sys.executable} -m conspo_jax.rewards._worker` to see why)"
-                    )
-            else:
-                waiting_since = time.monotonic()
-            busy = [w.deadline for w in inflight.values()]
-            wait = max(0.0, min(busy) - time.monotonic()) if busy else 0.5
-            self._pump(inflight, verdicts, extracted, wait)
-            now = time.monotonic()
-            for i, w in list(inflight.items()):
-                if now >= w.deadline and now < w.last_chance and w.starved():
-                    w.deadline = min(now + 0.1, w.last_chance)  # busy machine: look again soon
-                elif now >= w.deadline:
-                    verdicts[i] = Verdict(0.0, extracted[i], ex.TIMEOUT, w.task_cpu())
-                    del inflight[i]
-                    self.num_timeouts += 1
-                    self._drop(w)
+    def _dispatch(self) -> None:
+        for w in list(self._workers):
+            if not (w.ready and w.task is None):
+                continue
+            with self._queue_lock:
+                if not self._pending:
+                    return
+                item = self._pending.popleft()
+            batch, i, pred, gold = item
+            tid = next(self._task_ids)
+            try:
+                w.send(tid, pred, gold, batch.timeout_s, batch.max_wall_s)
+                self._inflight[tid] = (w, batch, i)
+            except (BrokenPipeError, OSError):  # died between tasks: not this task's fault
+                with self._queue_lock:
+                    self._pending.appendleft(item)
+                w.task = None
+                self._drop(w)
 
-    def _pump(self, inflight, verdicts, extracted, wait_s) -> None:
-        """Waits up to ``wait_s`` for worker output (the select wakes on the first line) and applies it."""
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for tid, (w, batch, i) in list(self._inflight.items()):
+            if now >= w.deadline and now < w.last_chance and w.starved():
+                w.deadline = min(now + 0.1, w.last_chance)  # busy machine: look again soon
+            elif now >= w.deadline:
+                del self._inflight[tid]
+                batch.finish(i, Verdict(0.0, batch.extracted[i], ex.TIMEOUT, w.task_cpu()))
+                self.num_timeouts += 1
+                self._drop(w)
+
+    def _pump(self, wait_s) -> None:
+        """Waits up to ``wait_s`` for worker output or a wake-up (the select wakes on the first line)
+        and applies every reply, whichever caller's task it answers."""
         sel = selectors.DefaultSelector()
         try:
             for w in self._workers:
                 sel.register(w.fd, selectors.EVENT_READ, w)
+            sel.register(self._wake_r, selectors.EVENT_READ, None)
             events = sel.select(timeout=wait_s)
         finally:
             sel.close()
         for key, _ in events:
             w = key.data
+            if w is None:
+                try:
+                    while self._wake_r.recv(4096):
+                        pass
+                except OSError:
+                    pass
+                continue
             msgs, eof = w.read_messages()
             for m in msgs:
                 if "ready" in m:
                     w.ready = True
                     self._start_failures = 0
-                elif m.get("i") == w.task and w.task in inflight:
-                    i = w.task
+                elif m.get("i") == w.task and w.task in self._inflight:
+                    _, batch, i = self._inflight.pop(w.task)
                     reason = ex.TIMEOUT if m.get("timeout") else ex.ERROR if "err" in m else ex.PARSED
-                    verdicts[i] = Verdict(float(m["ok"]), extracted[i], reason, m.get("cpu"))
+                    batch.finish(i, Verdict(float(m["ok"]), batch.extracted[i], reason, m.get("cpu")))
                     self.num_timeouts += reason == ex.TIMEOUT
-                    del inflight[i]
                     w.task = None
             if eof:  # crashed (e.g. killed by the CPU cap): its task, if any, scores 0
-                if w.task is not None and w.task in inflight:
-                    verdicts[w.task] = Verdict(0.0, extracted[w.task], ex.ERROR)
-                    del inflight[w.task]
+                if w.task is not None and w.task in self._inflight:
+                    _, batch, i = self._inflight.pop(w.task)
+                    batch.finish(i, Verdict(0.0, batch.extracted[i], ex.ERROR))
                 self._drop(w)
                 if not w.ready:
                     self._start_failures += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -32,16 +33,35 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
-        if self.temperature < 0:
+        """Rejects every value the samplers would turn into garbage (NaN log-probs, all-zero tokens),
+        naming the field and the value: NaN fails every comparison, so finiteness is checked first."""
+
+        def integer(field, low):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"SamplingParams.{field} must be an integer, got {value!r}")
+            if value < low:
+                raise ValueError(f"SamplingParams.{field} must be >= {low}, got {value!r}")
+
+        def real(field):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"SamplingParams.{field} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"SamplingParams.{field} must be finite, got {value!r}")
+            return value
+
+        integer("n", 1)
+        if real("temperature") < 0:
             raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < real("top_p") <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        integer("top_k", 0)
+        integer("max_new_tokens", 1)
+        integer("seed", 0)
+        for tok in self.stop_token_ids:
+            if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)) or tok < 0:
+                raise ValueError(f"SamplingParams.stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}")
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from conspo_jax.sidecar.server import TOKEN_ENV, options_from_config, run_until_signalled, serve
+    from conspo_jax.configs import UsageError
 
     p = argparse.ArgumentParser(prog="python -m conspo_jax.sidecar", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="experiment config module path.py[:arg] (needed by the jax/sglang engines)")
@@ -24,9 +24,24 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-prompts", type=int, default=None, help="prompts per engine call (0: all)")
     p.add_argument("--max-message-mb", type=int, default=None)
     p.add_argument("--version-wait-s", type=float, default=None, help="wait for min_weight_version this long")
+    p.add_argument(
+        "--allow-insecure-public",
+        action="store_true",
+        help="serve a non-loopback --host without a token (anyone who can reach it may push weights)",
+    )
     p.add_argument("--mock-delay-s", type=float, default=0.0, help="mock engine: seconds per generate call")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        return _serve(args)
+    except UsageError as e:  # a bad flag, config, address or busy port: one line, exit 2
+        print(f"python -m conspo_jax.sidecar: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _serve(args) -> int:
+    from conspo_jax.sidecar.server import TOKEN_ENV, options_from_config, run_until_signalled, serve
 
     config = None
     if args.config:
@@ -34,6 +49,7 @@ def main(argv=None) -> int:
 
         config = load_config_module(args.config)
     opts = options_from_config(config, port=args.port, host=args.host)
+    opts.allow_insecure_public = opts.allow_insecure_public or args.allow_insecure_public
     for field, value in (
         ("weights_dir", args.weights_dir),
         ("workers", args.workers),
@@ -45,8 +61,9 @@ def main(argv=None) -> int:
     if args.max_message_mb is not None:
         opts.max_message_bytes = args.max_message_mb << 20
     overrides = {"delay_s": args.mock_delay_s} if args.engine == "mock" else {}
+    sidecar = serve(config, engine_name=args.engine, port=opts.port, options=opts, **overrides)
     logging.getLogger(__name__).info("token %s", "required" if opts.token else f"not set (${TOKEN_ENV})")
-    run_until_signalled(serve(config, engine_name=args.engine, port=opts.port, options=opts, **overrides))
+    run_until_signalled(sidecar)
     return 0
 
 

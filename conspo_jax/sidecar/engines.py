@@ -20,6 +20,10 @@ class EngineHandle:
     name: str
     engine: RolloutEngine
     tokenizer: str | None = None  # decoding tokenizer spec for verification (see verifiers.load_tokenizer)
+    # Request limits the server checks before the engine sees a request (None: not checked).
+    vocab_size: int | None = None  # every prompt / stop token id must be < vocab_size
+    max_prompt_len: int | None = None  # tokens per prompt
+    max_total_len: int | None = None  # prompt tokens + max_new_tokens (the model's positions)
 
     @property
     def version(self) -> int:
@@ -30,7 +34,10 @@ def build_engine(name: str, config=None, **overrides) -> EngineHandle:
     if name not in ENGINES:
         raise ValueError(f"unknown sidecar engine {name!r} (expected one of {', '.join(ENGINES)})")
     if name == "mock":
-        return EngineHandle("mock", build.make_engine(config, backend="mock", **overrides))
+        limits = dict(
+            vocab_size=overrides.pop("vocab_size", 1024), max_prompt_len=overrides.pop("max_prompt_len", None)
+        )
+        return EngineHandle("mock", build.make_engine(config, backend="mock", **overrides), **limits)
     if config is None:
         raise ValueError(f"the {name} sidecar engine needs the experiment config (--config)")
     if name == "sglang":
@@ -42,4 +49,11 @@ def build_engine(name: str, config=None, **overrides) -> EngineHandle:
     policy = build.build_policy(config, tokenizer, mesh, seed=config.seed)
     engine = build.make_engine(config, policy, tokenizer, mesh, backend="jax", **overrides)
     spec = config.tokenizer or ("arith" if config.task == "arith" else config.model.path)
-    return EngineHandle("jax", engine, tokenizer=spec)
+    return EngineHandle(
+        "jax",
+        engine,
+        tokenizer=spec,
+        vocab_size=policy.config.vocab_size,
+        max_prompt_len=config.data.max_prompt_len or None,
+        max_total_len=policy.config.max_position_embeddings,
+    )

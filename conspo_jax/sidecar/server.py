@@ -6,27 +6,34 @@ samples for the same seed), hands each group to a pool of verifier worker proces
 groups back as soon as their rewards are in. ``PushWeights`` loads a checkpoint directory between
 engine calls, never during one, so every group is produced by exactly one weight version.
 
-Security: binds 127.0.0.1 unless told otherwise; with a token, every call must carry
-``authorization: Bearer <token>`` (compared in constant time); PushWeights only accepts paths that
-resolve inside the weights dir; message sizes are capped explicitly. A bad request is answered with
-a gRPC status naming the field and value, and the server keeps serving.
+Security: binds 127.0.0.1 unless told otherwise, and refuses a non-loopback address without a token
+unless ``allow_insecure_public`` (``--allow-insecure-public``) says so; with a token, every call must
+carry ``authorization: Bearer <token>`` (compared in constant time); PushWeights only accepts paths
+that resolve inside the weights dir; message sizes are capped explicitly. A bad request (non-finite
+or out-of-range sampling parameters, token ids outside the engine's vocabulary, prompts longer than
+the engine allows) is answered with INVALID_ARGUMENT naming the field and value, before the engine
+sees it, and the server keeps serving.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import errno
 import hmac
+import ipaddress
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures.process import BrokenProcessPool
 
 import grpc
 
+from conspo_jax.configs import UsageError
 from conspo_jax.rollout.sglang_engine import sample_seed
 from conspo_jax.sidecar import codec, verifiers
 from conspo_jax.sidecar import rollout_pb2 as pb
@@ -55,6 +62,7 @@ class SidecarOptions:
     version_wait_s: float = 5.0  # how long a request waits for min_weight_version (a push in flight)
     verify_timeout_s: float = 300.0
     rpc_threads: int = 16
+    allow_insecure_public: bool = False  # serve a non-loopback address without a token (anyone may push)
 
 
 def _metadata_token(metadata) -> str:
@@ -176,6 +184,7 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
             params = codec.params_from_proto(req.sampling, req.n)
         except ValueError as e:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"StreamRolloutsRequest.sampling: {e}") from None
+        self._check_limits(req, params)
         target = None
         if req.verifier:
             try:
@@ -189,6 +198,32 @@ class SidecarServicer(pb_grpc.RolloutServiceServicer):
                     raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
                 self._resolved.add(target)
         return params, target
+
+    def _check_limits(self, req, params) -> None:
+        """Token ids within the vocabulary and lengths within the engine's limits (where it states them):
+        an engine given an id >= its vocabulary size silently gathers garbage embeddings."""
+        h = self.handle
+
+        def bad(message):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+        if h.vocab_size is not None:
+            for t in params.stop_token_ids:
+                if t >= h.vocab_size:
+                    bad(
+                        f"StreamRolloutsRequest.sampling.stop_token_ids: token id {t} >= the vocabulary size {h.vocab_size}"
+                    )
+        for i, p in enumerate(req.prompts):
+            where = f"prompts[{i}] (prompt_id={p.prompt_id!r})"
+            if h.vocab_size is not None and max(p.token_ids) >= h.vocab_size:
+                bad(f"{where}: token id {max(p.token_ids)} >= the vocabulary size {h.vocab_size}")
+            if h.max_prompt_len is not None and len(p.token_ids) > h.max_prompt_len:
+                bad(f"{where}: {len(p.token_ids)} token_ids > the engine's max prompt length {h.max_prompt_len}")
+            if h.max_total_len is not None and len(p.token_ids) + params.max_new_tokens > h.max_total_len:
+                bad(
+                    f"{where}: {len(p.token_ids)} token_ids + sampling.max_new_tokens={params.max_new_tokens} > "
+                    f"the engine's {h.max_total_len} positions"
+                )
 
     def _wait_for_version(self, min_version: int, context) -> None:
         remaining = context.time_remaining()
@@ -363,11 +398,23 @@ def serve(
     opts = dataclasses.replace(options or SidecarOptions(), port=port)
     if opts.max_message_bytes <= 0:
         raise ValueError(f"max_message_bytes must be > 0, got {opts.max_message_bytes}")
+    if not opts.token and not is_loopback(opts.host):
+        if not opts.allow_insecure_public:
+            raise UsageError(
+                f"refusing to serve {opts.host!r} (not a loopback address) without a token: anyone who "
+                f"can reach it could push weights; set rollout.sidecar.token or ${TOKEN_ENV}, or pass "
+                "--allow-insecure-public to serve it anyway"
+            )
+        log.warning(
+            "sidecar listens on %s without a token (--allow-insecure-public): anyone can push weights", opts.host
+        )
+    if opts.port:  # before the engine is built (minutes for a real model), not after
+        problem = _bind_problem(opts.host, opts.port)
+        if problem:
+            raise UsageError(problem)
     handle = handle or build_engine(engine_name, config, **engine_overrides)
     servicer = SidecarServicer(handle, opts)
     interceptors = [_TokenAuth(opts.token)] if opts.token else []
-    if not opts.token and opts.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("sidecar listens on %s without a token: anyone who can reach it can push weights", opts.host)
     server = grpc.server(
         cf.ThreadPoolExecutor(max_workers=opts.rpc_threads, thread_name_prefix="sidecar-rpc"),
         interceptors=interceptors,
@@ -381,17 +428,46 @@ def serve(
     pb_grpc.add_RolloutServiceServicer_to_server(servicer, server)
     try:
         bound = server.add_insecure_port(f"{opts.host}:{opts.port}")
-    except RuntimeError as e:
-        servicer.close()
-        raise OSError(f"sidecar could not bind {opts.host}:{opts.port}: {e}") from None
+    except RuntimeError:
+        bound = 0
     if not bound:
         servicer.close()
-        raise OSError(f"sidecar could not bind {opts.host}:{opts.port}")
+        raise UsageError(_bind_problem(opts.host, opts.port) or f"cannot bind {opts.host}:{opts.port}")
     server.start()
     log.info(
         "sidecar (%s engine) serving on %s:%d, weights dir %s", handle.name, opts.host, bound, servicer.weights_dir
     )
     return SidecarServer(server, servicer, bound, opts.host)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback IP literals (127.0.0.0/8, ::1, [::1]); False for anything else,
+    including host names (which could resolve anywhere)."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be bound, as one line, or None if a probe socket binds it (gRPC itself
+    only reports that binding failed, not why)."""
+    bare = host.strip().strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            probe.bind((bare, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return f"port {port} on {host} is already in use (another sidecar?); pick another with --port"
+        return f"cannot bind {host}:{port}: {e.strerror or e}"
+    except (TypeError, ValueError) as e:  # e.g. an unparsable host
+        return f"cannot bind {host!r}:{port}: {e}"
+    return None
 
 
 def run_until_signalled(sidecar: SidecarServer, *, ready_line: bool = True) -> None:
@@ -428,7 +504,14 @@ def options_from_config(config, *, port=None, host=None) -> SidecarOptions:
     )
 
 
-def serve_from_cli(config, *, engine_name: str = "jax", port: int | None = None, host: str | None = None) -> None:
+def serve_from_cli(
+    config,
+    *,
+    engine_name: str = "jax",
+    port: int | None = None,
+    host: str | None = None,
+    allow_insecure_public: bool = False,
+) -> None:
     """``conspo sidecar --config ... --engine {jax,sglang} [--port N] [--host H]``: serve until signalled.
 
     Host and port default to ``config.rollout.sidecar.address``. The shared token, if any, comes from
@@ -436,4 +519,5 @@ def serve_from_cli(config, *, engine_name: str = "jax", port: int | None = None,
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     opts = options_from_config(config, port=port, host=host)
+    opts.allow_insecure_public = opts.allow_insecure_public or allow_insecure_public
     run_until_signalled(serve(config, engine_name=engine_name, port=opts.port, options=opts))
