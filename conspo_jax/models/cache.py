@@ -9,6 +9,8 @@ O(attn_chunk * S) per layer.
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -47,8 +49,13 @@ def init_kv_cache(
         raise ValueError(f"init_kv_cache batch_size={batch_size} and max_len={max_len} must be >= 1")
     shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
     shardings = kv_cache_sharding(config, batch_size, max_len, mesh) if mesh is not None else None
-    make = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)), out_shardings=shardings)
-    return make()
+    return _zeros_fn(shape, jnp.dtype(dtype), shardings)()
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_fn(shape, dtype, shardings):
+    # One compiled zero-filler per cache shape: the sampler makes a fresh cache every generate call.
+    return jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)), out_shardings=shardings)
 
 
 def forward_cached(

@@ -76,12 +76,12 @@ class JaxEngine(RolloutEngine):
         return self._compiled[max_new]
 
     def _sampling_state(self):
-        """The compute-dtype copy of self.state, remade only when the state object changes."""
+        """(compute-dtype copy of self.state, model config), remade only when the state object changes."""
         cached = getattr(self, "_sampling_cache", None)
         if cached is None or cached[0] is not self.state:
-            dtype = nnx.merge(self.graphdef, self.state).dtype
-            self._sampling_cache = (self.state, prepare_sampling_state(self.state, dtype))
-        return self._sampling_cache[1]
+            policy = nnx.merge(self.graphdef, self.state)
+            self._sampling_cache = (self.state, prepare_sampling_state(self.state, policy.dtype), policy.config)
+        return self._sampling_cache[1:]
 
     def _place(self, x):
         if self.mesh is None:
@@ -107,10 +107,11 @@ class JaxEngine(RolloutEngine):
             prompt_PxQ[p, plen - len(toks) :] = toks
             mask_PxQ[p, plen - len(toks) :] = 1
         rows = min(len(prompts) * params.n, self.decode_rows or len(prompts) * params.n)
+        state, config = self._sampling_state()
         ids, logp, lens, stopped = run_decode(
             self._fn(params.max_new_tokens),
-            state=self._sampling_state(),
-            config=nnx.merge(self.graphdef, self.state).config,
+            state=state,
+            config=config,
             prompt_PxQ=prompt_PxQ,
             mask_PxQ=mask_PxQ,
             n=params.n,
