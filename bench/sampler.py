@@ -161,6 +161,35 @@ def load_hf(policy, dtype_name: str):
     return model.to(device).eval()
 
 
+def sampling_only(batch: int, vocab: int, repeats: int = 20):
+    """Per-call time of the token sampler alone, new (bisection, Gumbel-max) vs old (sort, categorical)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from static_engine import sample_tokens as old_sample
+
+    from conspo_jax.rollout.sampling import sample_tokens
+
+    logits = jax.random.normal(jax.random.key(0), (batch, vocab)) * 3.0
+    print(f"sampler alone: {batch} rows x vocab {vocab}, median of {repeats} calls (ms)")
+    print(f"{'top_p':>6} {'top_k':>6} {'new':>8} {'old':>8} {'old/new':>8}")
+    for top_p, top_k in ((1.0, 0), (0.95, 0), (1.0, 50), (0.0, 0)):
+        temp = 0.0 if top_p == 0.0 else 1.0
+        args = (logits, jax.random.key(1), jnp.float32(temp), jnp.float32(max(top_p, 1e-3)), jnp.int32(top_k))
+        times = []
+        for fn in (sample_tokens, old_sample):
+            f = jax.jit(fn)
+            jax.block_until_ready(f(*args))
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(*args))
+                ts.append(time.perf_counter() - t0)
+            times.append(1e3 * float(np.median(ts)))
+        label = "greedy" if temp == 0.0 else f"{top_p:.2f}"
+        print(f"{label:>6} {top_k:>6} {times[0]:>8.2f} {times[1]:>8.2f} {times[1] / times[0]:>7.1f}x", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -170,6 +199,7 @@ def main():
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--tail-rows", type=int, default=None, help="also run the long tail on this many device rows")
     ap.add_argument("--skip-full", action="store_true", help="only the long-tail comparison")
+    ap.add_argument("--sampling-only", action="store_true", help="time the token sampler alone (new vs old)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for XLA and torch (0: their defaults)")
     args = ap.parse_args()
     if args.threads == 1:
@@ -194,6 +224,10 @@ def main():
         torch.set_num_threads(args.threads)
     jax.monitoring.register_event_duration_secs_listener(_on_event)
     config = model_config(preset["arch"])
+    if args.sampling_only:
+        for batch in batches:
+            sampling_only(batch, config.vocab_size)
+        return
     dtype = jnp.dtype(preset["dtype"])
     eos = config.eos_token_id
     policy = init_policy(config, seed=0, dtype=dtype, param_dtype=jnp.float32)
