@@ -212,6 +212,8 @@ def _jax_engine(config, policy, tokenizer, mesh, *, version, **overrides):
         cache_dtype=DTYPES[m.dtype],
         version=version,
         load_options=dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], mesh=mesh),
+        decode_rows=config.rollout.decode_rows,
+        decode_chunk=config.rollout.decode_chunk,
     )
     opts.update(overrides)
     return JaxEngine(policy, **opts)

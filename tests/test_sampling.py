@@ -1,12 +1,22 @@
-"""Sampling filters: top-k / top-p keep exactly the right tokens, log-probs are the untruncated ones."""
+"""Sampling filters: top-k / top-p keep exactly the right tokens (the bisection matches the sorted
+reference), log-probs are the untruncated ones; the continuous-batching decoder returns the tokens a
+static batch would, with teacher-forced log-probs, and copies no KV cache per step."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from conspo_jax.models import get_model_config, init_kv_cache, init_policy, token_logprobs
 from conspo_jax.rollout import MockEngine, SamplingParams
-from conspo_jax.rollout.sampling import sample_tokens
+from conspo_jax.rollout import decode as D
+from conspo_jax.rollout.jax_engine import JaxEngine
+from conspo_jax.rollout.sampling import _truncate, first_max_index, sample_tokens, truncate_sorted
+
+FAST = {"xla_backend_optimization_level": 0}
 
 _sample = jax.jit(sample_tokens)
 PROBS = np.array([0.5, 0.25, 0.15, 0.07, 0.03])
@@ -57,3 +67,130 @@ def test_mock_engine_shapes_and_groups():
     assert r.num_rows == 6 and list(r.group_ids_R) == [0, 0, 0, 1, 1, 1]
     assert r.completion_ids_RxC.shape[1] <= 5 and all(1 <= n <= 5 for n in r.completion_lens_R)
     assert all((f == "stop") == (c[-1] == 1) for f, c in zip(r.finish_reasons, r.completions()))
+
+
+@pytest.mark.parametrize("top_p,top_k", [(0.95, 0), (0.5, 0), (0.05, 0), (1.0, 7), (0.9, 40), (0.999, 0), (1.0, 1)])
+def test_bisection_nucleus_equals_sorted_nucleus(top_p, top_k):
+    rng = np.random.default_rng(int(top_p * 1000) + top_k)
+    logits = rng.normal(size=(48, 500)) * rng.uniform(0.5, 6.0, size=(48, 1))
+    logits[::2] = np.round(logits[::2], 1)  # heavy ties, incl. at the cut-off
+    logits[1, :] = 0.0  # all tied
+    logits[3, :5] = 9.0  # a tied top
+    x, p, k = jnp.asarray(logits, jnp.float32), jnp.float32(top_p), jnp.int32(top_k)
+    got = np.isfinite(np.asarray(jax.jit(_truncate)(x, p, k)))
+    want = np.isfinite(np.asarray(jax.jit(truncate_sorted)(x, p, k)))
+    np.testing.assert_array_equal(got, want)
+    assert got.sum(-1).min() >= 1 and (got.sum(-1) < 500).any()
+
+
+def test_first_max_index_is_argmax_incl_ties():
+    z = jnp.asarray(np.round(np.random.default_rng(0).normal(size=(64, 300)), 1), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(first_max_index(z)), np.asarray(jnp.argmax(z, axis=-1)))
+
+
+@pytest.fixture(scope="module")
+def policy():
+    pol = init_policy(get_model_config("tiny-qwen2"), seed=1, dtype=jnp.float32)
+    # A strong EOS direction in the head: rows stop at scattered steps, so refills happen mid-batch.
+    pol.embed[...] = pol.embed[...].at[2].multiply(60.0)
+    return pol
+
+
+@pytest.fixture(scope="module")
+def engine(policy):
+    # One engine for the decode tests, so they share compiled programs (the knobs are plain attributes).
+    eng = JaxEngine(policy, eos_token_ids=[2], pad_id=0, prompt_bucket=8, cache_dtype=jnp.float32)
+    eng.decode_chunk, eng.decode_min_rows, eng.decode_compiler_options = 4, 2, FAST
+    return eng
+
+
+def _generate(engine, rows, params, shrink=True):
+    engine.decode_rows, engine.decode_shrink = rows, shrink
+    return engine.generate(PROMPTS, params)
+
+
+PROMPTS = [[5, 9, 11], [17, 3, 3, 40, 41, 42, 43, 44, 45], [100]]
+
+
+_teacher_logprobs = jax.jit(token_logprobs, compiler_options=FAST)
+
+
+def test_refilled_rows_carry_teacher_forced_logprobs(policy, engine):
+    out = _generate(engine, 4, SamplingParams(n=3, max_new_tokens=12, seed=4))
+    lens = out.completion_lens_R
+    assert out.num_rows == 9 and list(out.group_ids_R) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert out.completion_ids_RxC.shape == (9, 12)
+    assert 1 < len(set(lens.tolist())) and {"stop", "length"} == set(out.finish_reasons)  # a real mix
+    for r, toks in enumerate(out.completions()):
+        assert (out.finish_reasons[r] == "stop") == (toks[-1] == 2) and (toks[-1] == 2 or len(toks) == 12)
+        assert np.all(out.completion_ids_RxC[r, len(toks) :] == 0) and np.all(out.logprobs_RxC[r, len(toks) :] == 0)
+        p = PROMPTS[out.group_ids_R[r]]
+        ids, mask = np.zeros((1, 24), np.int32), np.zeros((1, 24), np.int32)  # one shape: one compile
+        ids[0, : len(p) + len(toks)], mask[0, : len(p) + len(toks)] = p + toks, 1
+        ref = np.asarray(_teacher_logprobs(policy, jnp.asarray(ids), jnp.asarray(mask)))[0, len(p) - 1 :]
+        np.testing.assert_allclose(out.logprobs_RxC[r, : len(toks)], ref[: len(toks)], atol=2e-5)
+
+
+def test_greedy_refill_and_compaction_match_one_static_batch(engine):
+    params = SamplingParams(n=3, max_new_tokens=12, temperature=0.0, seed=0)
+    static = _generate(engine, None, params, shrink=False)
+    refilled = _generate(engine, 4, params)
+    np.testing.assert_array_equal(refilled.completion_ids_RxC, static.completion_ids_RxC)
+    np.testing.assert_allclose(refilled.logprobs_RxC, static.logprobs_RxC, atol=1e-5)
+    assert refilled.finish_reasons == static.finish_reasons
+
+
+def test_sampling_state_is_a_compute_dtype_copy():
+    pol = init_policy(get_model_config("tiny-qwen2"), seed=0, dtype=jnp.bfloat16)
+    state = nnx.state(pol)
+    cast = D.prepare_sampling_state(state, pol.dtype)
+    assert {x.dtype for x in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
+    eng = JaxEngine(pol, eos_token_ids=[2], prompt_bucket=8)
+    assert eng._sampling_state()[0] is eng._sampling_state()[0]  # made once per weight update, not per call
+
+
+def test_decode_chunk_copies_no_kv_cache(policy):
+    graphdef, state = nnx.split(policy)
+    b, plen, max_new, window = 4, 8, 40, 32
+    cache = init_kv_cache(policy.config, b, plen + max_new, dtype=jnp.float32)
+    rows = jax.tree.map(jnp.asarray, D.empty_rows(b, plen))
+    samp = (jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
+    programs = D.DecodePrograms(graphdef, max_new=max_new, pad_id=0)
+    args = (state, cache, rows, jax.random.key(0), samp, jnp.full((8,), -1, jnp.int32))
+    hlo = programs.chunk.lower(*args, steps=4, window=window).compile().as_text()
+    kv_tail = (policy.config.num_kv_heads, policy.config.head_dim)
+    copies = [tuple(map(int, m.group(1).split(","))) for m in re.finditer(r"\[([\d,]+)\]\{[^}]*\} copy\(", hlo)]
+    assert copies, "expected the HLO to contain some (small) copies"
+    cache_like = [c for c in copies if c[-2:] == kv_tail and np.prod(c) >= b * window * np.prod(kv_tail) // 2]
+    assert not cache_like, f"decode copies KV-cache-sized buffers: {cache_like}"
+
+
+def test_sharded_engine_matches_single_device(engine):
+    from conspo_jax.models import make_mesh
+
+    if len(jax.devices()) < 4:
+        pytest.skip(f"needs 4 devices for a (data 2, tensor 2) mesh, found {len(jax.devices())}")
+    params = SamplingParams(n=3, max_new_tokens=12, temperature=0.0, seed=0)
+    want = _generate(engine, 4, params)
+    mesh = make_mesh((2, 1, 2))
+    sharded_policy = init_policy(get_model_config("tiny-qwen2"), seed=1, dtype=jnp.float32, mesh=mesh)
+    sharded_policy.embed[...] = sharded_policy.embed[...].at[2].multiply(60.0)  # as the `policy` fixture
+    sharded = JaxEngine(
+        sharded_policy, eos_token_ids=[2], pad_id=0, prompt_bucket=8, cache_dtype=jnp.float32, mesh=mesh
+    )
+    sharded.decode_rows, sharded.decode_chunk, sharded.decode_min_rows = 4, 4, 2
+    sharded.decode_compiler_options = FAST
+    got = sharded.generate(PROMPTS, params)
+    np.testing.assert_array_equal(got.completion_ids_RxC, want.completion_ids_RxC)
+    np.testing.assert_allclose(got.logprobs_RxC, want.logprobs_RxC, atol=1e-5)
+
+
+def test_sampler_program_has_no_sort_and_no_value_index_argmax():
+    args = (jnp.zeros((4, 50)), jax.random.key(0), jnp.float32(1.0), jnp.float32(0.9), jnp.int32(5))
+    text = jax.jit(sample_tokens).lower(*args).as_text()
+    # A fused value+index argmax lowers to a two-operand reduce: "%r:2 = stablehlo.reduce(...), (...)".
+    assert not re.search(r"%\S+:2 = stablehlo\.reduce\(", text)
+    assert "stablehlo.sort" not in text
+    reference = jax.jit(lambda x: jax.random.categorical(jax.random.key(0), truncate_sorted(x, 0.9, 5))).lower(args[0])
+    assert re.search(r"%\S+:2 = stablehlo\.reduce\(", reference.as_text()) and "stablehlo.sort" in reference.as_text()

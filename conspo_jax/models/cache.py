@@ -9,6 +9,8 @@ O(attn_chunk * S) per layer.
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -47,8 +49,13 @@ def init_kv_cache(
         raise ValueError(f"init_kv_cache batch_size={batch_size} and max_len={max_len} must be >= 1")
     shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
     shardings = kv_cache_sharding(config, batch_size, max_len, mesh) if mesh is not None else None
-    make = jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)), out_shardings=shardings)
-    return make()
+    return _zeros_fn(shape, jnp.dtype(dtype), shardings)()
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_fn(shape, dtype, shardings):
+    # One compiled zero-filler per cache shape: the sampler makes a fresh cache every generate call.
+    return jax.jit(lambda: KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype)), out_shardings=shardings)
 
 
 def forward_cached(
@@ -92,3 +99,78 @@ def forward_cached(
     layer_ids = jnp.arange(model.config.num_layers, dtype=jnp.int32)
     (x, k_all, v_all), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (model.layers.arrays(), layer_ids))
     return model.final_hidden(x), KVCache(k=k_all, v=v_all)
+
+
+def decode_attention(q_BxHxE, k_BxWxKxE, v_BxWxKxE, kv_valid_BxW):
+    """One query token per row against a window of cache slots (grouped-query, softmax in fp32).
+
+    Written as broadcast-multiply + reduce rather than a dot: XLA fuses the reads of the cache window
+    (a slice of the layer's slab) straight into the reductions, so no per-step copy of the cache into
+    a dot-friendly layout is made.
+    """
+    b, h, e = q_BxHxE.shape
+    kh = k_BxWxKxE.shape[2]
+    q_BxKxGxE = (q_BxHxE.astype(jnp.float32) * (e**-0.5)).reshape(b, kh, h // kh, e)
+    s_BxWxKxG = jnp.sum(q_BxKxGxE[:, None] * k_BxWxKxE.astype(jnp.float32)[:, :, :, None, :], axis=-1)
+    s_BxWxKxG = jnp.where(kv_valid_BxW[:, :, None, None], s_BxWxKxG, -jnp.inf)
+    p_BxWxKxG = jax.nn.softmax(s_BxWxKxG, axis=1)
+    o_BxKxGxE = jnp.sum(p_BxWxKxG[..., None] * v_BxWxKxE.astype(jnp.float32)[:, :, :, None, :], axis=1)
+    return o_BxKxGxE.reshape(b, 1, h, e).astype(q_BxHxE.dtype)
+
+
+def forward_decode_step(model: Transformer, tok_B, pos_B, slot_B, cache: KVCache, kv_valid_BxW):
+    """One new token per row, each row writing its K/V at its own slot; attention reads only the first
+    W = kv_valid.shape[1] slots. Returns (final-norm h [B, 1, D], cache).
+
+    Every row's slot must be < W and kv_valid must include it. The cache slabs are scan carries updated
+    by a scatter, so XLA keeps them in place (no copy) when the caller donates the cache.
+    """
+    b = tok_B.shape[0]
+    w = kv_valid_BxW.shape[1]
+    if w > cache.max_len:
+        raise ValueError(f"forward_decode_step window {w} > cache length {cache.max_len}")
+    cos, sin = L.rope_tables(model.config, pos_B[:, None])
+    rows = jnp.arange(b, dtype=jnp.int32)
+
+    def layer(carry, xs):
+        x, k_all, v_all = carry
+        p, i = xs
+        q, k, v = qkv_projection(model, p, x, cos, sin)
+        k_all = k_all.at[i, rows, slot_B].set(k[:, 0].astype(k_all.dtype))
+        v_all = v_all.at[i, rows, slot_B].set(v[:, 0].astype(v_all.dtype))
+        k_w = jax.lax.dynamic_index_in_dim(k_all, i, 0, keepdims=False)[:, :w]
+        v_w = jax.lax.dynamic_index_in_dim(v_all, i, 0, keepdims=False)[:, :w]
+        o = decode_attention(q[:, 0], k_w, v_w, kv_valid_BxW)
+        return (attn_output_and_mlp(model, p, x, o), k_all, v_all), None
+
+    x = model.embed_tokens(tok_B[:, None])
+    layer_ids = jnp.arange(model.config.num_layers, dtype=jnp.int32)
+    (x, k_all, v_all), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (model.layers.arrays(), layer_ids))
+    return model.final_hidden(x), KVCache(k=k_all, v=v_all)
+
+
+def prefill_rows(model: Transformer, prompt_NxQ, prompt_mask_NxQ, rows_N, cache: KVCache):
+    """Runs N left-padded prompts (attending only to themselves) and writes their K/V into cache rows
+    `rows_N`, slots [0, Q); a row index >= the cache's batch is dropped (bucket padding).
+    Returns (final-norm h of each prompt's last token [N, 1, D], cache)."""
+    n, q_len = prompt_NxQ.shape
+    mask_NxQ = prompt_mask_NxQ.astype(bool)
+    positions_NxQ = jnp.maximum(jnp.cumsum(mask_NxQ, axis=-1) - 1, 0).astype(jnp.int32)
+    cos, sin = L.rope_tables(model.config, positions_NxQ)
+    q_slot = jnp.arange(q_len, dtype=jnp.int32)
+
+    def layer(carry, xs):
+        x, k_all, v_all = carry
+        p, i = xs
+        q, k, v = qkv_projection(model, p, x, cos, sin)
+        k_all = k_all.at[i, rows_N, :q_len].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[i, rows_N, :q_len].set(v.astype(v_all.dtype), mode="drop")
+        o = L.slot_attention(
+            q, k, v, q_slot_T=q_slot, kv_valid_BxS=mask_NxQ, self_visible=True, q_chunk=model.attn_chunk
+        )
+        return (attn_output_and_mlp(model, p, x, o), k_all, v_all), None
+
+    x = model.embed_tokens(prompt_NxQ)
+    layer_ids = jnp.arange(model.config.num_layers, dtype=jnp.int32)
+    (x, k_all, v_all), _ = jax.lax.scan(layer, (x, cache.k, cache.v), (model.layers.arrays(), layer_ids))
+    return model.final_hidden(x[:, -1:]), KVCache(k=k_all, v=v_all)

@@ -1,14 +1,15 @@
-"""The embedded JAX rollout engine: a KV-cached, jit-compiled decode loop over the NNX policy.
+"""The embedded JAX rollout engine: KV-cached, jit-compiled decode over the NNX policy.
 
-One compiled program per (rows, prompt bucket, max_new_tokens): prompts are left-padded to a bucket
-so that ragged batches reuse compilations, and sampling settings are traced scalars. The loop stops
-early once every row has produced a stop token. It runs under the policy's mesh: rows are sharded
-over the data axes when they divide evenly, parameters keep the shardings they were built with.
+Decoding is continuous-batched in chunks (conspo_jax/rollout/decode.py): finished device rows are
+refilled with the batch's pending (prompt, sample) pairs and attention reads only the filled cache
+window. Prompts are left-padded to a bucket so that ragged batches reuse compilations, and sampling
+settings are traced scalars. It samples from a compute-dtype copy of the weights, made once per
+weight update. It runs under the policy's mesh: rows are sharded over the data axes when they divide
+evenly, parameters keep the shardings they were built with.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -18,74 +19,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from conspo_jax.models import forward_cached, init_kv_cache, load_hf_policy, policy_logits
+from conspo_jax.models import load_hf_policy
+from conspo_jax.rollout.decode import DecodePrograms, prepare_sampling_state, run_decode
 from conspo_jax.rollout.engine import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Rollouts, SamplingParams
-from conspo_jax.rollout.sampling import sample_tokens
 
 _MAX_STOP_IDS = 8
-
-
-def _decode(
-    graphdef,
-    state,
-    prompt_RxQ,
-    prompt_mask_RxQ,
-    key,
-    temperature,
-    top_p,
-    top_k,
-    stop_ids,
-    *,
-    max_new,
-    pad_id,
-    cache_dtype,
-):
-    policy = nnx.merge(graphdef, state)
-    rows, plen = prompt_RxQ.shape
-    slots = plen + max_new
-    cache = init_kv_cache(policy.config, rows, slots, dtype=cache_dtype)
-    kv_mask_RxS = jnp.zeros((rows, slots), bool).at[:, :plen].set(prompt_mask_RxQ.astype(bool))
-    positions_RxQ = jnp.maximum(jnp.cumsum(prompt_mask_RxQ, axis=-1) - 1, 0).astype(jnp.int32)
-    h_RxQxD, cache = forward_cached(policy, prompt_RxQ, positions_RxQ, cache, jnp.int32(0), kv_mask_RxS)
-    logits_RxV = policy_logits(policy, h_RxQxD[:, -1:])[:, 0]
-    next_pos_R = positions_RxQ[:, -1] + 1
-
-    def cond(carry):
-        i, *_, done_R, _ = carry
-        return (i < max_new) & ~jnp.all(done_R)
-
-    def body(carry):
-        i, cache, logits_RxV, key, ids_RxC, logp_RxC, lens_R, kv_mask_RxS, pos_R, done_R, stopped_R = carry
-        key, sub = jax.random.split(key)
-        tok_R, logp_R = sample_tokens(logits_RxV, sub, temperature, top_p, top_k)
-        tok_R = jnp.where(done_R, pad_id, tok_R)
-        ids_RxC = jax.lax.dynamic_update_slice(ids_RxC, tok_R[:, None], (0, i))
-        logp_RxC = jax.lax.dynamic_update_slice(logp_RxC, jnp.where(done_R, 0.0, logp_R)[:, None], (0, i))
-        lens_R = lens_R + (~done_R).astype(jnp.int32)
-        hit_R = jnp.any(tok_R[:, None] == stop_ids[None, :], axis=-1) & ~done_R
-        stopped_R = stopped_R | hit_R
-        done_R = done_R | hit_R
-        kv_mask_RxS = jax.lax.dynamic_update_slice(kv_mask_RxS, jnp.ones((rows, 1), bool), (0, plen + i))
-        h_Rx1xD, cache = forward_cached(policy, tok_R[:, None], pos_R[:, None], cache, plen + i, kv_mask_RxS)
-        logits_RxV = policy_logits(policy, h_Rx1xD)[:, 0]
-        return i + 1, cache, logits_RxV, key, ids_RxC, logp_RxC, lens_R, kv_mask_RxS, pos_R + 1, done_R, stopped_R
-
-    carry = (
-        jnp.int32(0),
-        cache,
-        logits_RxV,
-        key,
-        jnp.full((rows, max_new), pad_id, jnp.int32),
-        jnp.zeros((rows, max_new), jnp.float32),
-        jnp.zeros((rows,), jnp.int32),
-        kv_mask_RxS,
-        next_pos_R,
-        jnp.zeros((rows,), bool),
-        jnp.zeros((rows,), bool),
-    )
-    out = jax.lax.while_loop(cond, body, carry)
-    ids_RxC, logp_RxC, lens_R, stopped_R = out[4], out[5], out[6], out[10]
-    return ids_RxC, logp_RxC, lens_R, stopped_R
 
 
 class JaxEngine(RolloutEngine):
@@ -93,7 +31,18 @@ class JaxEngine(RolloutEngine):
 
     eos_token_ids: tokens that end a completion (included in it, reported as finish reason 'stop').
     prompt_bucket: prompts are left-padded to a multiple of this, to bound recompilation.
+    decode_rows: device rows decoding at once (None: every (prompt, sample) pair of the batch);
+    with fewer rows than pairs, finished rows are refilled with pending pairs between chunks.
+    decode_chunk: decode steps per jitted chunk (the refill / early-exit granularity).
+    decode_shrink: once no pairs are pending, compact the live rows into a smaller row bucket.
+    decode_compiler_options: XLA options for the decode programs (tests skip backend optimisation).
     """
+
+    decode_rows: int | None = None
+    decode_chunk: int = 16
+    decode_shrink: bool = True
+    decode_min_rows: int = 8
+    decode_compiler_options: dict | None = None
 
     def __init__(
         self,
@@ -106,6 +55,8 @@ class JaxEngine(RolloutEngine):
         cache_dtype=jnp.bfloat16,
         version: int = 0,
         load_options: dict | None = None,
+        decode_rows: int | None = None,
+        decode_chunk: int = 16,
     ):
         self.graphdef, self.state = nnx.split(policy)
         self.eos_token_ids = tuple(int(t) for t in np.atleast_1d(eos_token_ids))
@@ -113,7 +64,9 @@ class JaxEngine(RolloutEngine):
         self.cache_dtype, self.version = cache_dtype, version
         # How sync() loads an HF directory (dtype, param_dtype, mesh): the sidecar pushes weights as paths.
         self.load_options = dict(load_options or {})
+        self.decode_rows, self.decode_chunk = decode_rows or None, decode_chunk
         self._compiled = {}
+        self._sampling_cache = None
 
     def sync(self, weights, version):
         """Takes an ``nnx.State`` of the engine's graph, or an HF safetensors directory to load."""
@@ -129,12 +82,18 @@ class JaxEngine(RolloutEngine):
 
     def _fn(self, max_new):
         if max_new not in self._compiled:
-            self._compiled[max_new] = jax.jit(
-                functools.partial(
-                    _decode, self.graphdef, max_new=max_new, pad_id=self.pad_id, cache_dtype=self.cache_dtype
-                )
+            self._compiled[max_new] = DecodePrograms(
+                self.graphdef, max_new=max_new, pad_id=self.pad_id, compiler_options=self.decode_compiler_options
             )
         return self._compiled[max_new]
+
+    def _sampling_state(self):
+        """(compute-dtype copy of self.state, model config), remade only when the state object changes."""
+        cached = self._sampling_cache
+        if cached is None or cached[0] is not self.state:
+            policy = nnx.merge(self.graphdef, self.state)
+            self._sampling_cache = (self.state, prepare_sampling_state(self.state, policy.dtype), policy.config)
+        return self._sampling_cache[1:]
 
     def _place(self, x):
         if self.mesh is None:
@@ -152,23 +111,31 @@ class JaxEngine(RolloutEngine):
         stop_ids = np.full((_MAX_STOP_IDS,), -1, np.int32)
         stop_ids[: len(stop)] = stop
         plen = -(-max(map(len, prompts)) // self.bucket) * self.bucket
-        rows = len(prompts) * params.n
-        prompt_RxQ = np.full((rows, plen), self.pad_id, np.int32)
-        mask_RxQ = np.zeros((rows, plen), np.int32)
+        prompt_PxQ = np.full((len(prompts), plen), self.pad_id, np.int32)
+        mask_PxQ = np.zeros((len(prompts), plen), np.int32)
         for p, toks in enumerate(prompts):
-            prompt_RxQ[p * params.n : (p + 1) * params.n, plen - len(toks) :] = toks
-            mask_RxQ[p * params.n : (p + 1) * params.n, plen - len(toks) :] = 1
-        ids, logp, lens, stopped = self._fn(params.max_new_tokens)(
-            self.state,
-            self._place(prompt_RxQ),
-            self._place(mask_RxQ),
-            jax.random.key(params.seed),
-            jnp.float32(params.temperature),
-            jnp.float32(params.top_p),
-            jnp.int32(params.top_k),
-            jnp.asarray(stop_ids),
+            prompt_PxQ[p, plen - len(toks) :] = toks
+            mask_PxQ[p, plen - len(toks) :] = 1
+        rows = min(len(prompts) * params.n, self.decode_rows or len(prompts) * params.n)
+        state, config = self._sampling_state()
+        ids, logp, lens, stopped = run_decode(
+            self._fn(params.max_new_tokens),
+            state=state,
+            config=config,
+            prompt_PxQ=prompt_PxQ,
+            mask_PxQ=mask_PxQ,
+            n=params.n,
+            rows=rows,
+            chunk=self.decode_chunk,
+            samp=(jnp.float32(params.temperature), jnp.float32(params.top_p), jnp.int32(params.top_k)),
+            stop_ids=jnp.asarray(stop_ids),
+            key=jax.random.key(params.seed),
+            cache_dtype=self.cache_dtype,
+            mesh=self.mesh,
+            place=self._place,
+            shrink=self.decode_shrink,
+            min_rows=self.decode_min_rows,
         )
-        ids, logp, lens, stopped = jax.device_get((ids, logp, lens, stopped))
         return Rollouts(
             completion_ids_RxC=np.asarray(ids, np.int32),
             completion_lens_R=np.asarray(lens, np.int32),

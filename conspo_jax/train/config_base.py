@@ -87,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
             top_k=0,
             max_new_tokens=8192,
             prompt_bucket=64,
+            # embedded sampler: device rows decoding at once (0: every (prompt, sample) pair; fewer rows
+            # refill finished ones with pending pairs) and decode steps per jitted chunk
+            decode_rows=0,
+            decode_chunk=16,
             sidecar=ml_collections.ConfigDict(
                 dict(
                     address="127.0.0.1:50051",
