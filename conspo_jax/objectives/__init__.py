@@ -26,6 +26,7 @@ from conspo_jax.objectives.grpo import (
     dapo_overlong_penalty,
     grpo_surrogate,
 )
+from conspo_jax.objectives.peers import PEER_PRESETS, apply_peer_preset, peer_hparams
 from conspo_jax.objectives.registry import (
     Objective,
     ObjectiveInputs,
@@ -36,8 +37,10 @@ from conspo_jax.objectives.registry import (
 from conspo_jax.objectives.sequences import clipped_ratio_scores, sequence_scores
 
 __all__ = [
+    "PEER_PRESETS",
     "Objective",
     "ObjectiveInputs",
+    "apply_peer_preset",
     "clipped_ratio_scores",
     "conspo_objective",
     "dapo_dynamic_sampling_filter",
@@ -49,6 +52,7 @@ __all__ = [
     "linear_discriminative",
     "list_objectives",
     "margin_schedule",
+    "peer_hparams",
     "register_objective",
     "sequence_scores",
     "split_groups",
