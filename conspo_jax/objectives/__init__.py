@@ -21,6 +21,12 @@ from conspo_jax.objectives.conspo import (
     linear_discriminative,
     margin_schedule,
 )
+from conspo_jax.objectives.dapo_sampling import (
+    BatchFill,
+    fill_batch_with_varied_groups,
+    resolve_dapo_rollout,
+    shape_overlong_rewards,
+)
 from conspo_jax.objectives.grpo import (
     dapo_dynamic_sampling_filter,
     dapo_overlong_penalty,
@@ -38,6 +44,7 @@ from conspo_jax.objectives.sequences import clipped_ratio_scores, sequence_score
 
 __all__ = [
     "PEER_PRESETS",
+    "BatchFill",
     "Objective",
     "ObjectiveInputs",
     "apply_peer_preset",
@@ -45,6 +52,7 @@ __all__ = [
     "conspo_objective",
     "dapo_dynamic_sampling_filter",
     "dapo_overlong_penalty",
+    "fill_batch_with_varied_groups",
     "get_objective",
     "group_advantages",
     "grpo_surrogate",
@@ -54,6 +62,8 @@ __all__ = [
     "margin_schedule",
     "peer_hparams",
     "register_objective",
+    "resolve_dapo_rollout",
     "sequence_scores",
+    "shape_overlong_rewards",
     "split_groups",
 ]

@@ -307,17 +307,20 @@ def dapo_dynamic_sampling_filter(rewards, group_ids, num_groups: int, *, rollout
     return real_R & spread_G[group_ids]
 
 
-def dapo_overlong_penalty(lengths, *, max_len: int, cache_len: int) -> jax.Array:
+def dapo_overlong_penalty(lengths, *, max_len: int, cache_len: int, penalty_factor: float = 1.0) -> jax.Array:
     """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13), to be *added* to the rewards.
 
     0 for |y| <= max_len - cache_len; ((max_len - cache_len) - |y|) / cache_len, falling linearly to -1,
-    inside the cache; -1 beyond max_len. DAPO uses max_len=20480, cache_len=4096.
+    inside the cache; -1 beyond max_len; all times ``penalty_factor`` (verl's overlong_buffer.penalty_factor,
+    1 in DAPO). DAPO uses max_len=20480, cache_len=4096.
     """
     if not 0 < cache_len <= max_len:
         raise ValueError(
             f"dapo_overlong_penalty: need 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}"
         )
+    if not penalty_factor >= 0:
+        raise ValueError(f"dapo_overlong_penalty: penalty_factor must be >= 0, got {penalty_factor!r}")
     lengths = jnp.asarray(lengths).astype(jnp.result_type(float))
     expected = max_len - cache_len
     soft = (expected - lengths) / cache_len
-    return jnp.where(lengths <= expected, 0.0, jnp.where(lengths <= max_len, soft, -1.0))
+    return penalty_factor * jnp.where(lengths <= expected, 0.0, jnp.where(lengths <= max_len, soft, -1.0))
