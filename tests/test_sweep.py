@@ -42,6 +42,16 @@ def test_paired_difference_uses_only_common_seeds():
     assert d.half_width == pytest.approx(0.1434, rel=1e-3)
 
 
+def test_score_standard_error_bounds():
+    from conspo_jax.sweep.stats import score_standard_error
+
+    assert score_standard_error(0.4, 256) == pytest.approx((0.030619, 0.030619), rel=1e-4)  # sqrt(.24/256)
+    lo, hi = score_standard_error(0.4, 400, 4)
+    assert (lo, hi) == pytest.approx((math.sqrt(0.24 / 1600), math.sqrt(0.24 / 400)))
+    with pytest.raises(ValueError, match="0 <= p <= 1"):
+        score_standard_error(1.5, 10)
+
+
 def test_ranks_bold_and_runner_up_share_ties():
     assert ranks([0.3, 0.5, 0.5, 0.1, float("nan")]) == [1, 0, 0, 2, 2]
 
@@ -76,6 +86,8 @@ def test_grid_commands_seed_pairing_and_bad_input(tmp_path):
     )
     with pytest.raises(UsageError, match="two points are named 'a'"):
         load_sweep(str(bad))
+    with pytest.raises(UsageError, match="unknown sweep argument 'bogus'"):
+        load_sweep(os.path.join(REPO, "experiments/sweeps/table1.py:bogus"))
     with pytest.raises(UsageError, match="no such sweep file"):
         load_sweep(str(tmp_path / "nope.py"))
     # The first point of every seed goes first (it computes that seed's warm start).

@@ -62,7 +62,10 @@ def load_sweep(spec: str) -> list[Point]:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
         raise UsageError(f"--sweep: {path!r} defines no get_sweep(arg)")
-    points = list(module.get_sweep(arg) if arg else module.get_sweep())
+    try:
+        points = list(module.get_sweep(arg) if arg else module.get_sweep())
+    except ValueError as e:  # a bad argument: the module names it
+        raise UsageError(f"--sweep {spec}: {e}") from None
     if not points:
         raise UsageError(f"--sweep: {spec!r} has no points")
     seen: dict[str, Point] = {}

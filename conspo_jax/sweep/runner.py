@@ -41,10 +41,10 @@ def run_state(run_dir: str) -> str:
     return "partial" if os.path.isdir(run_dir) else "new"
 
 
-def worker_env(workers: int, base: dict | None = None) -> dict:
-    """The environment of one run: the caller's, plus single-thread settings when workers > 1."""
+def worker_env(workers: int, base: dict | None = None, *, single_thread: bool | None = None) -> dict:
+    """The environment of one run: the caller's, plus single-thread settings (default: when workers > 1)."""
     env = dict(os.environ if base is None else base)
-    if workers > 1:
+    if workers > 1 if single_thread is None else single_thread:
         for key, value in SINGLE_THREAD_ENV.items():
             env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
     return env
@@ -96,6 +96,7 @@ def run_sweep(
     progress_every_s: float = 30.0,
     log: Callable[[str], None] | None = None,
     poll_s: float = 0.2,
+    single_thread: bool | None = None,
 ) -> SweepSummary:
     """Runs every unfinished point, at most ``workers`` at a time; returns what was skipped/launched/failed."""
     if workers < 1:
@@ -128,7 +129,7 @@ def run_sweep(
     queue = [p for p in launch_order(points) if p.name not in set(skipped)]
     total = len(points)
     say(f"{total} runs: {len(skipped)} finished already, {len(queue)} to run on {workers} worker(s)")
-    env = worker_env(workers)
+    env = worker_env(workers, single_thread=single_thread)
     running: dict[str, tuple[subprocess.Popen, float, object]] = {}
     durations: list[float] = []
     launched, failed, done_now = [], [], 0

@@ -52,3 +52,18 @@ def paired_difference(values: Mapping[int, float], baseline: Mapping[int, float]
     """Mean and CI over the seeds both have of values[seed] - baseline[seed] (paired by seed)."""
     seeds = sorted(set(values) & set(baseline))
     return mean_ci([values[s] - baseline[s] for s in seeds], **kw)
+
+
+def score_standard_error(p: float, num_problems: int, samples: int = 1) -> tuple[float, float]:
+    """Bounds on the standard error of one run's held-out score (mean of ``samples`` per problem).
+
+    With per-problem success rates p_i of mean p, Var = (Var(p_i) + mean p_i(1 - p_i) / samples) / N.
+    It is smallest, p(1-p) / (N samples), when every problem has p_i = p, and largest, p(1-p) / N, when
+    each p_i is 0 or 1 (extra samples then add nothing). With one sample both bounds are sqrt(p(1-p) / N).
+    """
+    if not 0 <= p <= 1 or num_problems < 1 or samples < 1:
+        raise ValueError(
+            f"score_standard_error: need 0 <= p <= 1, N >= 1, samples >= 1; got {p}, {num_problems}, {samples}"
+        )
+    var = p * (1 - p)
+    return math.sqrt(var / (num_problems * samples)), math.sqrt(var / num_problems)
