@@ -3,8 +3,8 @@
     PYTHONPATH=. python bench/sweep_workers.py --config experiments/arith_tiny.py:smoke \
         --sweep experiments/sweeps/table1.py:quick [--settings 1,2,2t]
 
-A setting is a worker count, with ``t`` for threaded runs (no single-thread XLA/BLAS settings) and ``s``
-for single-threaded ones; the default per count is the runner's (single-threaded when workers > 1).
+A setting is a worker count, with ``t`` for threaded runs (the runner's default) or ``s`` for runs pinned
+to one thread (XLA/BLAS single-thread settings).
 Each setting runs the whole sweep from scratch in a fresh directory; prints one line per setting.
 """
 
@@ -29,7 +29,7 @@ def main():
     extra = {"train.progress_bar": False, "train.export_hf": False, "xla_cache_dir": ""}
     for setting in args.settings.split(","):
         workers = int(setting.rstrip("ts"))
-        single = {"t": False, "s": True}.get(setting[-1])
+        single = setting.endswith("s")
         work = tempfile.mkdtemp(prefix="sweep_bench_")
         load0 = os.getloadavg()[0]
         t0 = time.time()

@@ -7,7 +7,7 @@ Same task as the demo (zero-padded 2-operand addition 0-49), so its accuracies s
   deterministic) and at least sqrt(p(1-p)/1600) = 1.2 points (independent samples), against 3.1 points
   for the demo's 256 problems x 1 sample.
 - eval.every 25, so the "best" column has 6 checkpoints to choose from.
-- train.num_steps 150 (half the demo) to fit 60 runs in the 90-minute budget; see experiments/sweeps/README.md.
+- train.num_steps stays the demo's 300: one run takes about 1m40s alone (experiments/sweeps/README.md).
 Arguments: '' or 'smoke' (as arith_tiny.py).
 
     conspo sweep --config experiments/arith_study.py --sweep experiments/sweeps/table1.py --workdir runs/table1
@@ -25,7 +25,6 @@ def get_config(arg=None):
     c = _arith_tiny.get_config(arg)
     if arg == "smoke":
         return c
-    c.train.num_steps = 150
     c.eval.every = 25
     c.eval.num_problems = 400
     c.eval.n = 4

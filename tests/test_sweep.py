@@ -93,8 +93,10 @@ def test_grid_commands_seed_pairing_and_bad_input(tmp_path):
     # The first point of every seed goes first (it computes that seed's warm start).
     pts = [Point(f"{m}_s{s}", m, s) for s in (0, 1) for m in ("a", "b")]
     assert [q.name for q in launch_order(pts)] == ["a_s0", "a_s1", "b_s0", "b_s1"]
-    assert "intra_op_parallelism_threads=1" in worker_env(2, {"XLA_FLAGS": "--x"})["XLA_FLAGS"]
-    assert worker_env(1, {}) == {}
+    pinned = worker_env(2, {"XLA_FLAGS": "--x"}, single_thread=True)["XLA_FLAGS"]
+    assert pinned == "--x --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    assert worker_env(2, {"XLA_FLAGS": "--x"}) == {"XLA_FLAGS": "--x"}  # default: measured faster
+    assert worker_env(1, {}, single_thread=True) == {}
 
 
 def test_sweep_modules_define_the_papers_grids():

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 from conspo_jax.sweep.grid import Point, train_command
 
-# One worker may use every core; with several, each is pinned to one thread so they do not oversubscribe
-# the machine (measured in experiments/sweeps/README.md).
+# Opt-in (single_thread=True): pin each run to one thread. On the 2-core machine this was slower than
+# leaving XLA's threads alone with 2 workers (experiments/sweeps/README.md), so it is off by default.
 SINGLE_THREAD_ENV = {
     "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
     "OMP_NUM_THREADS": "1",
@@ -41,10 +41,10 @@ def run_state(run_dir: str) -> str:
     return "partial" if os.path.isdir(run_dir) else "new"
 
 
-def worker_env(workers: int, base: dict | None = None, *, single_thread: bool | None = None) -> dict:
-    """The environment of one run: the caller's, plus single-thread settings (default: when workers > 1)."""
+def worker_env(workers: int, base: dict | None = None, *, single_thread: bool = False) -> dict:
+    """The environment of one run: the caller's, plus single-thread settings when asked (and workers > 1)."""
     env = dict(os.environ if base is None else base)
-    if workers > 1 if single_thread is None else single_thread:
+    if single_thread and workers > 1:
         for key, value in SINGLE_THREAD_ENV.items():
             env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
     return env
@@ -96,7 +96,7 @@ def run_sweep(
     progress_every_s: float = 30.0,
     log: Callable[[str], None] | None = None,
     poll_s: float = 0.2,
-    single_thread: bool | None = None,
+    single_thread: bool = False,
 ) -> SweepSummary:
     """Runs every unfinished point, at most ``workers`` at a time; returns what was skipped/launched/failed."""
     if workers < 1:
