@@ -9,7 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+# $CONSPO_DATA_DIR (what the loaders read) wins, so tests also find the data from a git worktree elsewhere.
+SHARED_DATA = os.environ.get("CONSPO_DATA_DIR") or os.path.abspath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+)
 
 # Identical XLA programs (the same tiny model compiled by several tests) are compiled once per session.
 os.environ.setdefault(

@@ -16,6 +16,7 @@ REGISTRY_CASES = {
     "math500": (500, "test/precalculus/807.json", "\\left( 3, \\frac{\\pi}{2} \\right)", "Convert the point $(0,3)$"),
     "aime24": (30, "60", "204", "Every morning Aya goes for a $9$-kilometer-long walk"),
     "aime25": (30, "0", "70", "Find the sum of all integer bases $b>9$"),
+    "aime26": (30, "2026-I-1", "277", "Patrick started walking at a constant rate"),
     "amc23": (40, "0", "27", "Cities $A$ and $B$ are $45$ miles apart."),
     "amc": (83, "0", "142", "$\\frac{m}{n}$ is the Irreducible fraction value"),
     "hmmt25": (30, "0", "103", "Compute the sum of the positive divisors (including $1$) of $9!$"),

@@ -135,8 +135,8 @@ def test_runner_scores_a_scripted_engine_exactly(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert table == out["table"]
     header, _, row = table.splitlines()
-    assert header == "| Method | AIME24 | AIME25 | HMMT25 | MATH500 | AMC | O-Bench | Avg. |"
-    assert row == f"| scripted | {aime['score']:.1f} | - | - | {math['score']:.1f} | - | - | {out['average']:.1f} |"
+    assert header == "| Method | AIME24 | AIME25 | AIME26 | HMMT25 | MATH500 | AMC | O-Bench | Avg. |"
+    assert row == f"| scripted | {aime['score']:.1f} | - | - | - | {math['score']:.1f} | - | - | {out['average']:.1f} |"
 
 
 def test_runner_owns_and_closes_its_pool_and_takes_records(tmp_path, monkeypatch):
@@ -171,8 +171,21 @@ def test_runner_owns_and_closes_its_pool_and_takes_records(tmp_path, monkeypatch
 def test_format_table_lines_up_rows_and_averages_filled_cells():
     t = format_table([("Base", {"AIME24": 20.9, "MATH500": 79.2}), ("Ours", {"AIME24": 34.7, "Minerva": 30.0})])
     assert t.splitlines() == [
-        "| Method | AIME24 | AIME25 | HMMT25 | MATH500 | AMC | O-Bench | Minerva | Avg. |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        "| Base | 20.9 | - | - | 79.2 | - | - | - | 50.0 |",
-        "| Ours | 34.7 | - | - | - | - | - | 30.0 | 32.4 |",
+        "| Method | AIME24 | AIME25 | AIME26 | HMMT25 | MATH500 | AMC | O-Bench | Minerva | Avg. |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Base | 20.9 | - | - | - | 79.2 | - | - | - | 50.0 |",
+        "| Ours | 34.7 | - | - | - | - | - | - | 30.0 | 32.4 |",
     ]
+
+
+def test_aime26_is_registered_avg_at_32_in_the_papers_column_order():
+    from conspo_jax.data.math_data import benchmark_spec
+    from conspo_jax.evals.report import PAPER_COLUMNS
+
+    spec = benchmark_spec("aime26")
+    assert (spec.files, spec.metric_k, spec.column) == (("aime26/test.jsonl",), 32, "AIME26")
+    # Table 1's order: AIME24, AIME25, AIME26, HMMT25, MATH500, AMC, O-Bench.
+    assert PAPER_COLUMNS == ("AIME24", "AIME25", "AIME26", "HMMT25", "MATH500", "AMC", "O-Bench")
+    t = format_table([("m", {"HMMT25": 1.0, "AIME26": 3.0, "AIME24": 2.0})])
+    assert t.splitlines()[0].split(" | ")[1:4] == ["AIME24", "AIME25", "AIME26"]
+    assert t.splitlines()[2] == "| m | 2.0 | - | 3.0 | 1.0 | - | - | - | 2.0 |"

@@ -312,6 +312,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "math500": BenchmarkSpec(("math500/test.jsonl",), 1, column="MATH500", description="MATH500 (500)"),
     "aime24": BenchmarkSpec(("aime24/test.jsonl",), 32, column="AIME24", description="AIME 2024 (30)"),
     "aime25": BenchmarkSpec(("aime25/test.jsonl",), 32, column="AIME25", description="AIME 2025 (30)"),
+    "aime26": BenchmarkSpec(("aime26/test.jsonl",), 32, column="AIME26", description="AIME 2026 I+II (30)"),
     "hmmt25": BenchmarkSpec(("hmmt_feb_2025/hmmt25.jsonl",), 32, column="HMMT25", description="HMMT Feb 2025 (30)"),
     "amc": BenchmarkSpec(
         ("amc23/deepscaler_amc.json",), 32, column="AMC", description="AMC 12 2022+2023, DeepScaleR's eval set (83)"

@@ -26,11 +26,18 @@ from conspo_jax.objectives.conspo import (
     margin_schedule,
 )
 from conspo_jax.objectives.correction import logprob_mismatch, mismatch_metrics, tis_weights
+from conspo_jax.objectives.dapo_sampling import (
+    BatchFill,
+    fill_batch_with_varied_groups,
+    resolve_dapo_rollout,
+    shape_overlong_rewards,
+)
 from conspo_jax.objectives.grpo import (
     dapo_dynamic_sampling_filter,
     dapo_overlong_penalty,
     grpo_surrogate,
 )
+from conspo_jax.objectives.peers import PEER_PRESETS, apply_peer_preset, peer_hparams
 from conspo_jax.objectives.registry import (
     Objective,
     ObjectiveInputs,
@@ -45,13 +52,17 @@ __all__ = [
     "logprob_mismatch",
     "mismatch_metrics",
     "tis_weights",
+    "BatchFill",
     "Objective",
     "ObjectiveInputs",
+    "PEER_PRESETS",
     "check_rewards",
+    "apply_peer_preset",
     "clipped_ratio_scores",
     "conspo_objective",
     "dapo_dynamic_sampling_filter",
     "dapo_overlong_penalty",
+    "fill_batch_with_varied_groups",
     "get_objective",
     "group_advantages",
     "grpo_surrogate",
@@ -59,7 +70,10 @@ __all__ = [
     "linear_discriminative",
     "list_objectives",
     "margin_schedule",
+    "peer_hparams",
     "register_objective",
+    "resolve_dapo_rollout",
     "sequence_scores",
+    "shape_overlong_rewards",
     "split_groups",
 ]

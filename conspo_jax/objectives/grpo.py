@@ -6,6 +6,11 @@ group-relative advantages, differing in advantage scaling and in how token terms
     DAPO      (1/sum_i |o_i|) sum_i sum_t f(rho_it, A_i)       token mean over the whole batch
 
 with f(rho, A) = min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) (paper Eq. 4).
+
+Peer options (defaults = the paper's; named presets in objectives/peers.py): ``std_estimator``,
+``std_eps`` and ``singleton`` choose the advantage's std (see group_advantages), and ``clip_ratio_c > 1``
+adds verl's dual clip (Ye et al. 2020, arXiv 1912.09729): for A < 0, f = max(f, c A), bounding how hard a
+negative token with a large ratio is pushed down. 0 (default) turns it off.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from conspo_jax.objectives.advantages import group_advantages
+from conspo_jax.objectives.advantages import check_advantage_options, group_advantages
 from conspo_jax.objectives.registry import (
     ObjectiveInputs,
     check_nonnegative,
@@ -32,13 +37,26 @@ from conspo_jax.objectives.segments import (
 from conspo_jax.objectives.sequences import k3_kl, masked_token_mean, masked_token_sum, token_log_ratio
 
 
-def clipped_surrogate_terms(log_ratio_RxC, adv_R, *, eps_low, eps_high):
-    """Per-token f(rho, A) of Eq. 4 and where the clip binds (those tokens get no gradient)."""
+def clipped_surrogate_terms(log_ratio_RxC, adv_R, *, eps_low, eps_high, clip_ratio_c=0.0):
+    """Per-token f(rho, A) of Eq. 4 and where a clip binds (those tokens get no gradient).
+
+    ``clip_ratio_c > 0``: dual clip, f = max(f, c A) where A < 0 (verl's clip_ratio_c, there 3.0)."""
     ratio_RxC = jnp.exp(log_ratio_RxC)
     adv_RxC = adv_R[:, None]
     unclipped = ratio_RxC * adv_RxC
     clipped = jnp.clip(ratio_RxC, 1.0 - eps_low, 1.0 + eps_high) * adv_RxC
-    return jnp.minimum(unclipped, clipped), clipped < unclipped
+    f_RxC, binds_RxC = jnp.minimum(unclipped, clipped), clipped < unclipped
+    if isinstance(clip_ratio_c, (int, float)) and clip_ratio_c == 0:
+        return f_RxC, binds_RxC
+    dual_RxC = clip_ratio_c * adv_RxC
+    dual_binds_RxC = (adv_RxC < 0) & (clip_ratio_c > 0) & (dual_RxC > f_RxC)
+    return jnp.where(dual_binds_RxC, dual_RxC, f_RxC), binds_RxC | dual_binds_RxC
+
+
+def check_dual_clip(objective: str, clip_ratio_c) -> None:
+    """verl requires c > 1 (c A must lie below the clipped term); 0 means off."""
+    if isinstance(clip_ratio_c, (int, float)) and not (clip_ratio_c == 0 or clip_ratio_c > 1):
+        raise ValueError(f"objective {objective!r}: clip_ratio_c must be 0 (off) or > 1, got {clip_ratio_c!r}")
 
 
 def token_mask(inputs_mask_RxC, rewards_R, rollout_mask_R):
@@ -72,6 +90,10 @@ def _clipped_objective(
     length_normalizer=None,
     beta=0.0,
     keep_R=None,
+    clip_ratio_c=0.0,
+    std_estimator: str = "population",
+    std_eps=0.0,
+    singleton: str = "zero",
 ):
     """Shared body of GRPO / Dr. GRPO / DAPO. ``keep_R`` further restricts the real rollouts."""
     real_R = rollout_validity(inputs.rewards, inputs.rollout_mask)
@@ -79,10 +101,19 @@ def _clipped_objective(
         real_R = real_R & keep_R
     tok_RxC = as_bool(inputs.mask) & real_R[:, None]
     adv_R = group_advantages(
-        inputs.rewards, inputs.group_ids, num_groups, rollout_mask=real_R, normalize_std=normalize_std
+        inputs.rewards,
+        inputs.group_ids,
+        num_groups,
+        rollout_mask=real_R,
+        normalize_std=normalize_std,
+        std_estimator=std_estimator,
+        std_eps=std_eps,
+        singleton=singleton,
     ).astype(inputs.token_logp.dtype)
     log_ratio_RxC = token_log_ratio(inputs.token_logp, inputs.old_logp, tok_RxC)
-    f_RxC, clipped_RxC = clipped_surrogate_terms(log_ratio_RxC, adv_R, eps_low=eps_low, eps_high=eps_high)
+    f_RxC, clipped_RxC = clipped_surrogate_terms(
+        log_ratio_RxC, adv_R, eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c
+    )
     aux = _token_diagnostics(log_ratio_RxC, clipped_RxC, tok_RxC)
     if inputs.ref_logp is not None and not (isinstance(beta, (int, float)) and beta == 0):
         # DeepSeekMath's k3 penalty pi_ref/pi - log(pi_ref/pi) - 1 sits inside the token average.
@@ -145,6 +176,10 @@ def grpo(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     beta: float = 0.0,
+    std_estimator: str = "population",
+    std_eps: float = 0.0,
+    singleton: str = "zero",
+    clip_ratio_c: float = 0.0,
 ):
     """GRPO, DeepSeekMath (arXiv 2402.03300) Eq. 3 / this paper's Eq. 3-4.
 
@@ -153,10 +188,12 @@ def grpo(
     pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (DeepSeekMath Eq. 4), read from ``inputs.ref_logp`` only
     when ``beta != 0`` (default 0: no reference model, as in the ConSPO paper's baselines).
     Normaliser: number of non-empty groups. Diagnostics: clip_frac, approx_kl (k3 of pi_old vs pi_theta),
-    ref_kl when beta != 0.
+    ref_kl when beta != 0. Peer options (std_estimator, std_eps, singleton, clip_ratio_c): module doc.
     """
     del progress
     check_nonnegative("grpo", eps_low=eps_low, eps_high=eps_high, beta=beta)
+    check_advantage_options("grpo", std_estimator=std_estimator, singleton=singleton, std_eps=std_eps)
+    check_dual_clip("grpo", clip_ratio_c)
     return _clipped_objective(
         inputs,
         num_groups,
@@ -165,6 +202,10 @@ def grpo(
         normalize_std=True,
         aggregation="group",
         beta=beta,
+        clip_ratio_c=clip_ratio_c,
+        std_estimator=std_estimator,
+        std_eps=std_eps,
+        singleton=singleton,
     )
 
 
@@ -177,6 +218,8 @@ def dr_grpo(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     length_normalizer: float = 0.0,
+    singleton: str = "zero",
+    clip_ratio_c: float = 0.0,
 ):
     """Dr. GRPO, "Understanding R1-Zero-Like Training" (arXiv 2503.20783), Sec. 3.2.
 
@@ -187,10 +230,13 @@ def dr_grpo(
     rescales the step. ``length_normalizer=0`` (default) uses T, the padded response length of the batch:
     pass the max response length explicitly when micro-batches may be padded to different T.
     Normaliser: number of non-empty groups (L is a constant, not part of it).
+    Peer options (singleton, clip_ratio_c; there is no std): module doc.
     """
     del progress
     check_nonnegative("dr_grpo", eps_low=eps_low, eps_high=eps_high)
     check_nonnegative("dr_grpo", length_normalizer=length_normalizer)
+    check_advantage_options("dr_grpo", std_estimator="population", singleton=singleton)
+    check_dual_clip("dr_grpo", clip_ratio_c)
     if isinstance(length_normalizer, (int, float)) and length_normalizer == 0:
         length_normalizer = inputs.token_logp.shape[1]
     return _clipped_objective(
@@ -201,6 +247,8 @@ def dr_grpo(
         normalize_std=False,
         aggregation="group",
         length_normalizer=length_normalizer,
+        clip_ratio_c=clip_ratio_c,
+        singleton=singleton,
     )
 
 
@@ -213,6 +261,9 @@ def dapo(
     eps_low: float = 0.2,
     eps_high: float = 0.28,
     dynamic_sampling: bool = True,
+    std_estimator: str = "population",
+    std_eps: float = 0.0,
+    clip_ratio_c: float = 0.0,
 ):
     """DAPO (arXiv 2503.14476) Eq. 8: clip-higher (eps_low=0.2, eps_high=0.28) and a token-level mean over
     all tokens of the batch, (1/sum_i |o_i|) sum_i sum_t f(rho_it, A_i), no KL; A_i from Eq. 1.
@@ -222,9 +273,13 @@ def dapo(
     re-samples to refill the batch: do that upstream with :func:`dapo_dynamic_sampling_filter`, and add
     :func:`dapo_overlong_penalty` to the rewards for its soft overlong punishment.
     Normaliser: number of completion tokens kept. Diagnostics: clip_frac, approx_kl.
+    Peer options (std_estimator, std_eps, clip_ratio_c): module doc. A one-rollout group is all-equal and
+    DAPO drops those, so there is no singleton option.
     """
     del progress
     check_nonnegative("dapo", eps_low=eps_low, eps_high=eps_high)
+    check_advantage_options("dapo", std_estimator=std_estimator, singleton="zero", std_eps=std_eps)
+    check_dual_clip("dapo", clip_ratio_c)
     keep_R = None
     if dynamic_sampling:
         keep_R = dapo_dynamic_sampling_filter(
@@ -238,6 +293,9 @@ def dapo(
         normalize_std=True,
         aggregation="token",
         keep_R=keep_R,
+        clip_ratio_c=clip_ratio_c,
+        std_estimator=std_estimator,
+        std_eps=std_eps,
     )
 
 
@@ -249,17 +307,20 @@ def dapo_dynamic_sampling_filter(rewards, group_ids, num_groups: int, *, rollout
     return real_R & spread_G[group_ids]
 
 
-def dapo_overlong_penalty(lengths, *, max_len: int, cache_len: int) -> jax.Array:
+def dapo_overlong_penalty(lengths, *, max_len: int, cache_len: int, penalty_factor: float = 1.0) -> jax.Array:
     """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13), to be *added* to the rewards.
 
     0 for |y| <= max_len - cache_len; ((max_len - cache_len) - |y|) / cache_len, falling linearly to -1,
-    inside the cache; -1 beyond max_len. DAPO uses max_len=20480, cache_len=4096.
+    inside the cache; -1 beyond max_len; all times ``penalty_factor`` (verl's overlong_buffer.penalty_factor,
+    1 in DAPO). DAPO uses max_len=20480, cache_len=4096.
     """
     if not 0 < cache_len <= max_len:
         raise ValueError(
             f"dapo_overlong_penalty: need 0 < cache_len <= max_len, got cache_len={cache_len}, max_len={max_len}"
         )
+    if not penalty_factor >= 0:
+        raise ValueError(f"dapo_overlong_penalty: penalty_factor must be >= 0, got {penalty_factor!r}")
     lengths = jnp.asarray(lengths).astype(jnp.result_type(float))
     expected = max_len - cache_len
     soft = (expected - lengths) / cache_len
-    return jnp.where(lengths <= expected, 0.0, jnp.where(lengths <= max_len, soft, -1.0))
+    return penalty_factor * jnp.where(lengths <= expected, 0.0, jnp.where(lengths <= max_len, soft, -1.0))

@@ -1,0 +1,279 @@
+"""The study's outputs from its runs' files: Table 1 and Table 6 in miniature, Figure 2 and training curves.
+
+Per run: ``final`` = results.json's eval/accuracy_after, ``best`` = the best eval/accuracy row of
+metrics.jsonl after step 0 (the paper reports each method's best evaluation), ``before`` =
+eval/accuracy_before (the warm start alone: the "Base" row). Each cell is mean +- 95% CI over seeds
+(Student t, see stats.py); "vs ConSPO" is the mean and CI of the per-seed paired difference.
+Writes table.md, table.csv, results.json, curves.png and (when the sweep has a parameter study) params.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from conspo_jax.sweep.grid import Point
+from conspo_jax.sweep.runner import run_state
+from conspo_jax.sweep.stats import MeanCI, mean_ci, paired_difference
+
+REFERENCE = "conspo"
+ABLATIONS = ("conspo_no_contrastive", "conspo_no_loglik", "conspo_no_margin", "conspo_fixed_margin")
+DISPLAY = {
+    "base": "Base",
+    "grpo": "GRPO",
+    "dapo": "DAPO",
+    "dr_grpo": "Dr. GRPO",
+    "disco": "DisCO",
+    "gmpo": "GMPO",
+    "cispo": "CISPO",
+    "sapo": "SAPO",
+    "gspo": "GSPO",
+    "conspo": "ConSPO",
+    "conspo_no_contrastive": "w/o contrastive objective",
+    "conspo_no_loglik": "w/o log-likelihood scores",
+    "conspo_no_margin": "w/o scheduled margin",
+    "conspo_fixed_margin": "w/ fixed margin",
+}
+PARAM_LABELS = {"tau": "τ (contrastive temperature)", "max_margin": "M (target margin)", "warmup_ratio": "α (warmup)"}
+COLUMNS = ("final", "best")
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def collect_run(point: Point, run_dir: str) -> dict | None:
+    """The numbers of one finished run, or None when it has not finished."""
+    if run_state(run_dir) != "done":
+        return None
+    with open(os.path.join(run_dir, "results.json")) as f:
+        results = json.load(f)
+    rows = _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    evals = [(r["step"], r["eval/accuracy"]) for r in rows if "eval/accuracy" in r and r["eval/accuracy"] is not None]
+    after = [v for s, v in evals if s > 0]
+    return {
+        "name": point.name,
+        "method": point.method,
+        "seed": point.seed,
+        "params": dict(point.params),
+        "in_table": point.in_table,
+        "before": results.get("eval/accuracy_before"),
+        "final": results["eval/accuracy_after"],
+        "best": max(after) if after else results["eval/accuracy_after"],
+        "curves": {
+            "reward/mean": [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r],
+            "eval/accuracy": evals,
+        },
+    }
+
+
+def collect(points: list[Point], workdir: str) -> list[dict]:
+    runs = [collect_run(p, os.path.join(workdir, "runs", p.name)) for p in points]
+    return [r for r in runs if r is not None]
+
+
+def per_seed(runs: list[dict], key: str) -> dict[str, dict[int, float]]:
+    """method -> seed -> value (the mean if a method has several runs of one seed)."""
+    acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if r["in_table"]:
+            acc[r["method"]][r["seed"]].append(r[key])
+        if key in COLUMNS and r["before"] is not None and r["in_table"]:
+            acc["base"][r["seed"]].append(r["before"])
+    return {m: {s: float(np.mean(v)) for s, v in seeds.items()} for m, seeds in acc.items()}
+
+
+def table_rows(runs: list[dict], methods: list[str]) -> list[dict]:
+    """One row per method present: n seeds, mean/CI of final and best, paired difference to ConSPO."""
+    by_col = {col: per_seed(runs, col) for col in COLUMNS}
+    out = []
+    for m in methods:
+        if m not in by_col["final"]:
+            continue
+        row = {"method": m, "label": DISPLAY.get(m, m), "n": len(by_col["final"][m])}
+        for col in COLUMNS:
+            row[col] = mean_ci(by_col[col][m].values())
+            ref = by_col[col].get(REFERENCE)
+            row[f"diff_{col}"] = paired_difference(by_col[col][m], ref) if ref and m != REFERENCE else None
+        out.append(row)
+    return out
+
+
+def ranks(values: list[float]) -> list[int]:
+    """0 for the best (highest) distinct value, 1 for the runner-up, 2 for the rest; ties share a rank."""
+    distinct = sorted({v for v in values if not math.isnan(v)}, reverse=True)
+    return [min(distinct.index(v), 2) if not math.isnan(v) else 2 for v in values]
+
+
+def fmt_ci(ci: MeanCI | None, *, scale: float = 100.0, signed: bool = False) -> str:
+    if ci is None or ci.n == 0:
+        return ""
+    mean = f"{scale * ci.mean:+.1f}" if signed else f"{scale * ci.mean:.1f}"
+    return f"{mean} ± n/a" if math.isnan(ci.half_width) else f"{mean} ± {scale * ci.half_width:.1f}"
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    """Accuracy in %, best mean in bold and the runner-up underlined per column, as in the paper."""
+    lines = [
+        f"**{title}** (held-out accuracy, %, mean ± 95% CI over seeds)",
+        "",
+        "| Method | seeds | Final | Best | Final vs ConSPO | Best vs ConSPO |",
+        "|---|---|---|---|---|---|",
+    ]
+    marks = {col: ranks([r[col].mean for r in rows]) for col in COLUMNS}
+    for i, r in enumerate(rows):
+        cells = []
+        for col in COLUMNS:
+            text = fmt_ci(r[col])
+            cells.append({0: f"**{text}**", 1: f"<u>{text}</u>"}.get(marks[col][i], text))
+        diffs = [fmt_ci(r[f"diff_{col}"], signed=True) for col in COLUMNS]
+        lines.append(f"| {r['label']} | {r['n']} | {' | '.join(cells)} | {' | '.join(diffs)} |")
+    return "\n".join(lines)
+
+
+def param_study(runs: list[dict]) -> dict[str, list[dict]]:
+    """param -> [{value, final: MeanCI, best: MeanCI}] sorted by value, from points carrying ``params``."""
+    groups: dict[str, dict[float, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in runs:
+        for param, value in r["params"].items():
+            for col in COLUMNS:
+                groups[param][float(value)][col].append(r[col])
+    return {
+        param: [{"value": v, **{c: mean_ci(cols[c]) for c in COLUMNS}} for v, cols in sorted(by_value.items())]
+        for param, by_value in groups.items()
+    }
+
+
+def curve_stats(runs: list[dict], method: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps logged by every seed of ``method``, with the mean and CI half-width of ``key`` there."""
+    series = [dict(r["curves"][key]) for r in runs if r["method"] == method and r["in_table"]]
+    if not series:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    cis = [mean_ci([s[t] for s in series]) for t in steps]
+    return np.array(steps), np.array([c.mean for c in cis]), np.nan_to_num(np.array([c.half_width for c in cis]))
+
+
+def plot_curves(runs: list[dict], methods: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in zip(axes, ("reward/mean", "eval/accuracy"), ("train reward (mean)", "held-out accuracy")):
+        for m in methods:
+            steps, mean, half = curve_stats(runs, m, key)
+            if steps.size:
+                (line,) = ax.plot(steps, mean, label=DISPLAY.get(m, m), marker="o" if key == "eval/accuracy" else None)
+                ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_title(f"{title}, mean ± 95% CI")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_params(study: dict[str, list[dict]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(study), figsize=(4 * len(study), 3.5), squeeze=False)
+    for ax, (param, entries) in zip(axes[0], study.items()):
+        x = np.arange(len(entries))
+        for col, offset in (("final", -0.1), ("best", 0.1)):
+            mean = np.array([100 * e[col].mean for e in entries])
+            half = np.nan_to_num(np.array([100 * e[col].half_width for e in entries]))
+            ax.errorbar(x + offset, mean, yerr=half, fmt="o-", capsize=3, label=col)
+        ax.set_xticks(x, [f"{e['value']:g}" for e in entries])
+        ax.set_xlabel(PARAM_LABELS.get(param, param))
+        ax.set_ylabel("held-out accuracy (%)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _ci_json(ci: MeanCI | None):
+    return None if ci is None else ci.as_dict()
+
+
+def write_report(points: list[Point], workdir: str) -> dict:
+    """Writes table.md, table.csv, results.json and the PNGs into ``workdir``; returns the results dict."""
+    runs = collect(points, workdir)
+    order = list(dict.fromkeys(p.method for p in points if p.in_table))
+    main = ["base"] + [m for m in order if m not in ABLATIONS]
+    ablation = [REFERENCE] + [m for m in ABLATIONS if m in order]
+    tables = {"table1": table_rows(runs, main)}
+    if len(ablation) > 1:
+        tables["table6"] = table_rows(runs, ablation)
+    study = param_study(runs)
+    titles = {"table1": "Table 1 in miniature", "table6": "Table 6 in miniature (ablations)"}
+    md = [f"# Study: {len(runs)}/{len(points)} runs finished", ""]
+    for key, rows in tables.items():
+        md += [markdown_table(rows, titles[key]), ""]
+    if study:
+        md += ["**Figure 2 in miniature** (ConSPO, held-out accuracy %, mean ± 95% CI)", ""]
+        md += ["| parameter | value | seeds | Final | Best |", "|---|---|---|---|---|"]
+        for param, entries in study.items():
+            for e in entries:
+                md.append(f"| {param} | {e['value']:g} | {e['final'].n} | {fmt_ci(e['final'])} | {fmt_ci(e['best'])} |")
+        md.append("")
+        plot_params(study, os.path.join(workdir, "params.png"))
+        md += ["![Figure 2](params.png)", ""]
+    if runs:
+        plot_curves(runs, [m for m in order], os.path.join(workdir, "curves.png"))
+        md += ["![curves](curves.png)", ""]
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write("\n".join(md))
+    with open(os.path.join(workdir, "table.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["table", "method", "seeds", *(f"{c}_{s}" for c in COLUMNS for s in ("mean", "ci95"))]
+            + [f"diff_{c}_{s}" for c in COLUMNS for s in ("mean", "ci95")]
+        )
+        for key, rows in tables.items():
+            for r in rows:
+                cells = [key, r["method"], r["n"]]
+                for col in (*COLUMNS, *(f"diff_{c}" for c in COLUMNS)):
+                    ci = r[col]
+                    cells += ["", ""] if ci is None else [ci.mean, "" if math.isnan(ci.half_width) else ci.half_width]
+                w.writerow(cells)
+        for param, entries in study.items():
+            for e in entries:
+                cells = ["figure2", f"{param}={e['value']:g}", e["final"].n]
+                for col in COLUMNS:
+                    cells += [e[col].mean, "" if math.isnan(e[col].half_width) else e[col].half_width]
+                w.writerow(cells)
+    results = {
+        "runs": [{k: v for k, v in r.items() if k != "curves"} for r in runs],
+        "missing": [p.name for p in points if p.name not in {r["name"] for r in runs}],
+        "tables": {
+            key: [
+                {
+                    "method": r["method"],
+                    "n": r["n"],
+                    **{c: _ci_json(r[c]) for c in (*COLUMNS, "diff_final", "diff_best")},
+                }
+                for r in rows
+            ]
+            for key, rows in tables.items()
+        },
+        "figure2": {
+            p: [{"value": e["value"], **{c: _ci_json(e[c]) for c in COLUMNS}} for e in es] for p, es in study.items()
+        },
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results

@@ -1,0 +1,23 @@
+"""Argument parsing shared by the sweep modules: ``quick``, ``seeds=N``, ``steps=N``, comma-separated."""
+
+QUICK_OVERRIDES = {"train.num_steps": 4, "train.ckpt_every": 2, "eval.every": 2}
+
+
+def parse_arg(arg, *, default_seeds):
+    opts = {"quick": False, "seeds": default_seeds, "steps": 0}
+    for opt in filter(None, (arg or "").split(",")):
+        key, _, value = opt.partition("=")
+        if key == "quick" and not value:
+            opts["quick"] = True
+        elif key in ("seeds", "steps") and value.isdigit():
+            opts[key] = int(value)
+        else:
+            raise ValueError(f"unknown sweep argument {opt!r}: use quick, seeds=N or steps=N (comma-separated)")
+    return opts
+
+
+def base_overrides(opts):
+    out = dict(QUICK_OVERRIDES) if opts["quick"] else {}
+    if opts["steps"]:
+        out["train.num_steps"] = opts["steps"]
+    return out
