@@ -29,12 +29,15 @@ from conspo_jax.objectives import get_objective
 from conspo_jax.rewards import Verdict, default_pool
 from conspo_jax.rollout.engine import MockEngine, RolloutEngine, reverse_echo_script
 from conspo_jax.rollout.jax_engine import JaxEngine
+from conspo_jax.validation import validate_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def validate(config) -> None:
-    """Checks the values that would otherwise fail deep inside a run."""
+    """Checks every value and path of the config (``conspo_jax.validation``), then the combinations
+    that would otherwise fail deep inside a run; raises ``UsageError`` naming the key and the value."""
+    validate_config(config)
     r = config.rollout
     require(r.n >= 1, f"rollout.n must be a positive group size, got {r.n}")
     require(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")

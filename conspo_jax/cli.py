@@ -20,6 +20,8 @@ commands:
   eval     (--checkpoint DIR | --hf PATH) [--benchmarks a,b] [--workdir DIR]
                                                  evaluate on math benchmarks (paper protocol)
   sidecar  [--engine jax|sglang] [--port N]      serve rollouts over gRPC
+  sweep    --sweep S.py[:arg] --workdir DIR [--workers N]
+                                                 a study: a grid of train runs, tables and figures
 """
 
 
@@ -79,10 +81,23 @@ def _run_sidecar(fv):
     return 0
 
 
+def _sweep_flags(fv):
+    from conspo_jax.sweep.cli import define_flags
+
+    define_flags(fv)
+
+
+def _run_sweep(fv):
+    from conspo_jax.sweep.cli import run
+
+    return run(fv)
+
+
 COMMANDS = {
     "train": (_train_flags, _run_train),
     "eval": (_eval_flags, _run_eval),
     "sidecar": (_sidecar_flags, _run_sidecar),
+    "sweep": (_sweep_flags, _run_sweep),
 }
 
 

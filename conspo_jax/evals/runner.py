@@ -24,7 +24,7 @@ from conspo_jax.evals import metrics, report
 from conspo_jax.rewards import RewardPool
 from conspo_jax.rollout.engine import FINISH_LENGTH, SamplingParams
 
-DEFAULT_BENCHMARKS = ("aime24", "aime25", "hmmt25", "math500", "amc", "olympiadbench")
+DEFAULT_BENCHMARKS = ("aime24", "aime25", "aime26", "hmmt25", "math500", "amc", "olympiadbench")
 
 
 def _eos_ids(tokenizer) -> tuple[int, ...]:

@@ -142,7 +142,7 @@ def base_config() -> ml_collections.ConfigDict:
             top_p=PAPER["eval_top_p"],
             max_new_tokens=0,  # 0: rollout.max_new_tokens (the paper evaluates at the training length)
             k=0,  # samples per problem; 0: the paper's protocol (avg@32 on AIME/HMMT/AMC, pass@1 elsewhere)
-            benchmarks="aime24,aime25,hmmt25,math500,amc23,olympiadbench",
+            benchmarks="aime24,aime25,aime26,hmmt25,math500,amc23,olympiadbench",
             limit=0,
             num_problems=200,
         )

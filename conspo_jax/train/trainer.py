@@ -25,7 +25,7 @@ from conspo_jax.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
 from conspo_jax.evals.runner import evaluate
 from conspo_jax.models import save_hf_policy
-from conspo_jax.objectives import get_objective
+from conspo_jax.objectives import check_rewards, get_objective
 from conspo_jax.rollout import Rollouts, SamplingParams
 from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
 from conspo_jax.train.checkpoint import Checkpointer
@@ -217,6 +217,7 @@ class Trainer:
         if rewards is None:
             texts = self.tokenizer.batch_decode(rollouts.completions(), skip_special_tokens=True)
             rewards = self.task.reward(texts, [answers[g] for g in rollouts.group_ids_R])
+        check_rewards(rewards)  # a non-finite reward is an error naming the rollout, for every objective
         return RolloutBatch(records, prompts, rollouts, np.asarray(rewards, np.float32), generate_s)
 
     def make_batches(self, rb: RolloutBatch) -> list[RLBatch]:
