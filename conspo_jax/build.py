@@ -280,14 +280,21 @@ def load_policy_from_checkpoint(config, checkpoint: str, *, tokenizer, mesh):
         if step is None:
             raise UsageError(f"--checkpoint: no finished checkpoint in {directory!r}")
         target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    target,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True,
-                )
-            ),
-        )
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        target,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        partial_restore=True,
+                    )
+                ),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(
+                f"--checkpoint {checkpoint!r} (step {step}) does not hold this config's model "
+                f"({config.model.arch or config.model.path}): {first[:300]}"
+            ) from None
     return nnx.merge(graphdef, restored["state"]["params"], rest)

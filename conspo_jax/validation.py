@@ -121,7 +121,15 @@ def string(key, value):
 POSITIVE = real(0.0, low_open=True)
 NONNEGATIVE = real(0.0)
 
+
 # Objective hyperparameters by name (conspo_jax/objectives/*: each objective's keyword defaults).
+def _dual_clip(key, value):
+    """verl's dual-clip constant: 0 (off) or a finite value > 1."""
+    NONNEGATIVE(key, value)
+    if value != 0 and not value > 1:
+        _fail(key, value, "must be 0 (off) or > 1")
+
+
 _HPARAM_RULES: dict[str, Callable[[str, Any], None]] = {
     "tau": POSITIVE,  # InfoNCE / DisCO temperature: divides the scores
     "tau_pos": POSITIVE,  # SAPO gate temperatures
@@ -139,6 +147,11 @@ _HPARAM_RULES: dict[str, Callable[[str, Any], None]] = {
     "score": choice(("logL", "Lratio")),  # DisCO
     "kl_estimator": choice(("k1", "k3")),
     "kl_scope": choice(("group", "batch")),
+    # peer presets (conspo_jax/objectives/peers.py)
+    "std_estimator": choice(("population", "unbiased")),
+    "std_eps": NONNEGATIVE,
+    "singleton": choice(("zero", "reward")),
+    "clip_ratio_c": _dual_clip,
 }
 
 # Every other value, by config key.

@@ -453,3 +453,69 @@ def test_eval_of_a_truncated_hf_checkpoint_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"{path}: truncated or corrupt" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+# ---- trainer and eval cases through the CLI ----------------------------------------------------
+
+
+def _one_line_exit_2(capsys, argv):
+    code = cli_main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_a_workdir_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    line = _one_line_exit_2(
+        capsys, ["conspo", "train", "--config", ARITH + ":smoke", "--workdir", str(tmp_path / "file" / "run")]
+    )
+    assert "--workdir" in line and "file" in line, line
+
+
+def test_a_bad_value_leaves_an_existing_run_unchanged(tmp_path, capsys):
+    """Validation runs before anything is written: the run's config.json is not overwritten."""
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "4").mkdir(parents=True)
+    (workdir / "config.json").write_text('{"seed": 0}')
+    before = _snapshot(workdir)
+    line = _one_line_exit_2(
+        capsys,
+        ["conspo", "train", "--config", ARITH + ":smoke", "--workdir", str(workdir), "--config.train.ckpt_every=0"],
+    )
+    assert "train.ckpt_every" in line and "0" in line, line
+    assert _snapshot(workdir) == before
+
+
+def test_eval_of_a_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
+    from flax import nnx
+
+    from conspo_jax import build
+    from conspo_jax.train.checkpoint import Checkpointer
+    from conspo_jax.train.step import init_train_state, make_optimizer
+
+    c = load_config_module(ARITH + ":smoke")
+    c.model.overrides.hidden_size = 48  # not the smoke model's 96
+    c.model.overrides.head_dim = 12
+    tok = build.build_tokenizer(c)
+    _, params, _ = nnx.split(build.build_policy(c, tok, None, seed=0), nnx.Param, ...)
+    state = init_train_state(params, make_optimizer(**c.optim), jax.random.key(0), build.build_mesh(c))
+    ckpt = Checkpointer(str(tmp_path / "run" / "checkpoints"))
+    ckpt.save(1, state, {}, {"step": 1})
+    ckpt.close()
+    line = _one_line_exit_2(
+        capsys,
+        [
+            "conspo",
+            "eval",
+            "--config",
+            ARITH + ":smoke",
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--benchmarks",
+            "math500",
+            "--workdir",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert "--checkpoint" in line and "does not hold this config's model" in line, line

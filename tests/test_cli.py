@@ -29,12 +29,12 @@ def _run(capsys, *args):
         (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.objective.name=ppo"], "objective.name"),
         (
             ["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.n=0"],
-            "rollout.n must be a positive group size, got 0",
+            "rollout.n must be >= 2, got 0",
         ),
         (["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.rollout.n=-2"], "got -2"),
         (
             ["train", f"--config={ARITH}", "--workdir=/tmp/x", "--config.model.path=/no/such/ckpt"],
-            "model.path: no such checkpoint directory '/no/such/ckpt'",
+            "model.path='/no/such/ckpt': no such checkpoint directory",
         ),
         (
             [

@@ -79,8 +79,8 @@ def test_eval_command_on_tiny_random_policy(tmp_path):
     assert os.path.isfile(tmp_path / "eval" / "results.json")
     # Random weights answer nothing right; the row fills exactly the two columns that ran.
     row = out["table"].splitlines()[2].split(" | ")
-    assert row[0] == "| tiny" and row[1] == f"{aime['score']:.1f}" and row[4] == f"{math['score']:.1f}"
-    assert row[2] == row[3] == row[5] == row[6] == "-"
+    assert row[0] == "| tiny" and row[1] == f"{aime['score']:.1f}" and row[5] == f"{math['score']:.1f}"
+    assert row[2] == row[3] == row[4] == row[6] == row[7] == "-"
 
 
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason=f"shared data not found at {SHARED_DATA}")
