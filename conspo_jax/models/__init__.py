@@ -1,7 +1,7 @@
 """Policy models for conspo-jax: Qwen2 / Llama / Qwen3 decoder-only transformers in Flax NNX.
 
 Public API: `ModelConfig`, `get_model_config`, `init_policy`, `load_hf_policy`, `save_hf_policy`,
-`token_logprobs`, `make_mesh`, and for the sampler `init_kv_cache`, `forward_cached`,
+`token_logprobs`, `make_mesh`, `REMAT_POLICIES` (the `remat=` values), `compute_layer_params`, and for the sampler `init_kv_cache`, `forward_cached`,
 `policy_logits`. Sharding helpers: `state_shardings` (any nnx state whose Variables carry
 `logical_axes`, e.g. params or optimizer state), `policy_state_shardings`, `batch_sharding`.
 
@@ -17,11 +17,13 @@ Typical trainer use (jit a pure function over split state):
 from conspo_jax.models.cache import KVCache, forward_cached, init_kv_cache, kv_cache_sharding
 from conspo_jax.models.config import ModelConfig, get_model_config, list_model_configs
 from conspo_jax.models.hf_io import load_hf_policy, save_hf_policy
+from conspo_jax.models.layers import REMAT_POLICIES
 from conspo_jax.models.logprobs import mask_positions, segment_positions, token_logprobs
 from conspo_jax.models.sharding import LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, state_shardings
 from conspo_jax.models.transformer import (
     Transformer,
     abstract_policy,
+    compute_layer_params,
     hidden_states,
     init_policy,
     policy_logits,
@@ -35,9 +37,11 @@ __all__ = [
     "LOGICAL_RULES",
     "ModelConfig",
     "Policy",
+    "REMAT_POLICIES",
     "Transformer",
     "abstract_policy",
     "batch_sharding",
+    "compute_layer_params",
     "forward_cached",
     "get_model_config",
     "hidden_states",

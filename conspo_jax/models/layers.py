@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from conspo_jax.models.config import ModelConfig
 
@@ -89,29 +90,47 @@ def slot_attention(
     kv_seg_BxS=None,
     self_visible=False,
     q_chunk=1024,
+    causal_prefix=False,
 ):
     """Causal attention where query t sits at key slot `q_slot[t]`: it sees slots <= q_slot[t] that
     are valid (and, when packed, in the same segment).
 
-    The boolean mask is built per block of `q_chunk` queries inside a rematerialised scan, so neither
+    The boolean mask is built per block of `q_chunk` queries, each block rematerialised, so neither
     a [B, T, S] mask nor [B, N, T, S] logits ever exist whole: memory is O(q_chunk * S) per block.
     `self_visible` lets padding queries see their own slot so no softmax row is empty.
+
+    `causal_prefix=True` promises q_slot == arange(T) and S == T (a full forward, no cache): block i
+    then reads only keys [0, end of block i), skipping the key blocks causality masks out anyway, so
+    attention costs about (n + 1) / (2 n) of the dense work for n blocks.
     """
     b, t = q_BxTxHxE.shape[:2]
     s = k_BxSxKxE.shape[1]
-    kv_slot = jnp.arange(s, dtype=jnp.int32)
 
-    def block(q, q_slot, q_seg):
-        allowed = (kv_slot[None, :] <= q_slot[:, None])[None] & kv_valid_BxS[:, None, :]
+    def block(q, k, v, q_slot, kv_valid, q_seg, kv_seg):
+        kv_slot = jnp.arange(k.shape[1], dtype=jnp.int32)
+        allowed = (kv_slot[None, :] <= q_slot[:, None])[None] & kv_valid[:, None, :]
         if q_seg is not None:
-            allowed &= q_seg[:, :, None] == kv_seg_BxS[:, None, :]
+            allowed &= q_seg[:, :, None] == kv_seg[:, None, :]
         if self_visible:
             allowed |= (kv_slot[None, :] == q_slot[:, None])[None]
         # cuDNN's fused kernel takes no general boolean mask: masked attention always runs on XLA.
-        return jax.nn.dot_product_attention(q, k_BxSxKxE, v_BxSxKxE, mask=allowed[:, None], implementation="xla")
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], implementation="xla")
 
     if t <= q_chunk:
-        return block(q_BxTxHxE, q_slot_T, q_seg_BxT)
+        return block(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, q_slot_T, kv_valid_BxS, q_seg_BxT, kv_seg_BxS)
+    # Inside the layer scan, so CSE across the recomputation cannot happen: prevent_cse=False is safe.
+    body = jax.checkpoint(block, prevent_cse=False)
+    if causal_prefix:
+        if s != t:
+            raise ValueError(f"slot_attention causal_prefix needs as many keys as queries, got T={t}, S={s}")
+        outs = []
+        for start in range(0, t, q_chunk):
+            end = min(start + q_chunk, t)
+            q_seg = None if q_seg_BxT is None else q_seg_BxT[:, start:end]
+            kv_seg = None if kv_seg_BxS is None else kv_seg_BxS[:, :end]
+            args = (q_BxTxHxE[:, start:end], k_BxSxKxE[:, :end], v_BxSxKxE[:, :end], q_slot_T[start:end])
+            outs.append(body(*args, kv_valid_BxS[:, :end], q_seg, kv_seg))
+        return jnp.concatenate(outs, axis=1)
     n = -(-t // q_chunk)
     pad = n * q_chunk - t
     qs = jnp.pad(q_BxTxHxE, ((0, 0), (0, pad), (0, 0), (0, 0)))
@@ -120,30 +139,46 @@ def slot_attention(
     segs = None
     if q_seg_BxT is not None:
         segs = jnp.pad(q_seg_BxT, ((0, 0), (0, pad))).reshape(b, n, q_chunk).swapaxes(0, 1)
-    body = jax.checkpoint(block, prevent_cse=False)
-    _, out = jax.lax.scan(lambda c, xs: (c, body(*xs)), None, (qs, slots, segs))
+
+    def scan_body(c, xs):
+        q, q_slot, q_seg = xs
+        return c, body(q, k_BxSxKxE, v_BxSxKxE, q_slot, kv_valid_BxS, q_seg, kv_seg_BxS)
+
+    _, out = jax.lax.scan(scan_body, None, (qs, slots, segs))
     return out.swapaxes(0, 1).reshape(b, n * q_chunk, *out.shape[3:])[:, :t]
 
 
 def swiglu(x_BxTxD, gate_DxF, up_DxF, down_FxD):
-    g = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF)
-    u = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF)
+    g = checkpoint_name(jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF), "mlp_gate")
+    u = checkpoint_name(jnp.einsum("btd,df->btf", x_BxTxD, up_DxF), "mlp_up")
     return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, down_FxD)
 
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
+# Activations the layer names with `checkpoint_name`; the 'names' policy saves exactly these: every
+# matmul output whose backward needs it (q/k/v, the attention context, the output projection, the
+# MLP gate and up projections), so the backward recomputes only norms, RoPE and elementwise ops.
+# The MLP down projection is left out: nothing in the backward reads it (it only joins the residual).
+SAVED_NAMES = ("query_proj", "key_proj", "value_proj", "context", "out_proj", "mlp_gate", "mlp_up")
+
+# `model.remat` values. none: save every residual; full: save only each layer's input and recompute
+# its forward in the backward; dots: save matmul outputs without batch dimensions (the projections,
+# not attention's batched dots); names: save SAVED_NAMES.
+REMAT_POLICIES = ("none", "full", "dots", "names")
+
+
+def _policy(remat: str):
+    if remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if remat == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)
 
 
 def maybe_remat(fn, remat: str):
     """Wraps a layer body in `jax.checkpoint` with the named policy ('none' leaves it alone)."""
     if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat={remat!r} not supported; expected one of {sorted(REMAT_POLICIES)}")
+        raise ValueError(f"remat={remat!r} not supported; expected one of {list(REMAT_POLICIES)}")
     if remat == "none":
         return fn
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    # The layer body runs under lax.scan, so prevent_cse=False is safe and lets XLA fuse freely.
+    return jax.checkpoint(fn, policy=_policy(remat), prevent_cse=False)

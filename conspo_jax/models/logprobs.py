@@ -1,14 +1,15 @@
 """Per-token log-probabilities of a batch under the policy, without a [B, T, V] fp32 buffer.
 
 The LM head + log-softmax run over sequence chunks of about `policy.logprob_chunk` tokens inside a
-`lax.scan` whose body is rematerialised, so the forward and the backward pass each hold one chunk of
-fp32 logits at a time. Batches may be left-padded (`attention_mask`) or packed (`segment_ids`).
+`lax.scan`, so the forward and the backward pass each hold one chunk of fp32 logits at a time. A custom
+VJP (`head_logprobs`) keeps the backward's [tokens, V] work in the compute dtype (bf16 on GPU). Batches may be left-padded (`attention_mask`) or packed (`segment_ids`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from conspo_jax.models.transformer import Transformer, hidden_states
 
@@ -35,21 +36,68 @@ def chunked_target_logprobs(model: Transformer, h_BxTxD: jax.Array, targets_BxT:
     chunk = max(1, min(t, model.logprob_chunk // max(b, 1)))
     n = -(-t // chunk)
     pad = n * chunk - t
-    h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    h = jnp.pad(h_BxTxD.astype(model.dtype), ((0, 0), (0, pad), (0, 0)))
     tgt = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-    h = h.reshape(b, n, chunk, d).swapaxes(0, 1)
-    tgt = tgt.reshape(b, n, chunk).swapaxes(0, 1)
-    w_DxV = model.head_weight()
+    h_NxBxWxD = h.reshape(b, n, chunk, d).swapaxes(0, 1)
+    tgt_NxBxW = tgt.reshape(b, n, chunk).swapaxes(0, 1)
+    logp_NxBxW = head_logprobs(h_NxBxWxD, model.head_weight_param(), tgt_NxBxW)
+    return logp_NxBxW.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
-    @jax.checkpoint
-    def one_chunk(h_BxWxD, tgt_BxW):
-        logits = jnp.einsum("bcd,dv->bcv", h_BxWxD.astype(w_DxV.dtype), w_DxV, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tgt_BxW[..., None], axis=-1)[..., 0]
-        return picked - lse
 
-    _, logp = jax.lax.scan(lambda c, xs: (c, one_chunk(*xs)), None, (h, tgt))
-    return logp.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+def _chunk_logits(h_BxWxD, w_DxV):
+    # Compute-dtype operands, fp32 accumulation and result: log-softmax runs in fp32.
+    return jnp.einsum("bwd,dv->bwv", h_BxWxD, w_DxV, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def head_logprobs(h_NxBxWxD: jax.Array, w_DxV: jax.Array, tgt_NxBxW: jax.Array) -> jax.Array:
+    """log softmax(h @ w)[target] fp32 [N, B, W], one chunk of N at a time; h's dtype is the compute dtype.
+
+    The head weight arrives in its parameter dtype and is cast once. The backward (custom VJP) keeps
+    only the per-token logsumexp from the forward, recomputes each chunk's logits, forms the logits
+    gradient in the compute dtype and runs both matmuls on compute-dtype operands with fp32
+    accumulation; the weight gradient sums over chunks in fp32. No [tokens, V] fp32 operand exists.
+    """
+    return _head_fwd(h_NxBxWxD, w_DxV, tgt_NxBxW)[0]
+
+
+def _head_fwd(h_NxBxWxD, w_DxV, tgt_NxBxW):
+    w_c = w_DxV.astype(h_NxBxWxD.dtype)
+
+    def one_chunk(carry, xs):
+        h_BxWxD, tgt_BxW = xs
+        logits_BxWxV = _chunk_logits(h_BxWxD, w_c)
+        lse_BxW = jax.nn.logsumexp(logits_BxWxV, axis=-1)
+        picked_BxW = jnp.take_along_axis(logits_BxWxV, tgt_BxW[..., None], axis=-1)[..., 0]
+        return carry, (picked_BxW - lse_BxW, lse_BxW)
+
+    _, (logp_NxBxW, lse_NxBxW) = jax.lax.scan(one_chunk, None, (h_NxBxWxD, tgt_NxBxW))
+    # w's own dtype travels as a zero-size array: residuals must be arrays.
+    return logp_NxBxW, (h_NxBxWxD, w_c, tgt_NxBxW, lse_NxBxW, jnp.zeros((0,), w_DxV.dtype))
+
+
+def _head_bwd(res, g_NxBxW):
+    h_NxBxWxD, w_c, tgt_NxBxW, lse_NxBxW, w_dtype_tag = res
+    cdt = h_NxBxWxD.dtype
+    vocab = w_c.shape[1]
+
+    def one_chunk(dw_DxV, xs):
+        h_BxWxD, tgt_BxW, lse_BxW, g_BxW = xs
+        p_BxWxV = jnp.exp(_chunk_logits(h_BxWxD, w_c) - lse_BxW[..., None])
+        is_tgt = jnp.arange(vocab, dtype=tgt_BxW.dtype) == tgt_BxW[..., None]
+        # d logp / d logits = onehot(target) - softmax; cast to the compute dtype inside the fusion.
+        dlogits_BxWxV = (g_BxW[..., None] * (is_tgt.astype(jnp.float32) - p_BxWxV)).astype(cdt)
+        dh_BxWxD = jnp.einsum("bwv,dv->bwd", dlogits_BxWxV, w_c, preferred_element_type=jnp.float32)
+        dw_DxV = dw_DxV + jnp.einsum("bwd,bwv->dv", h_BxWxD, dlogits_BxWxV, preferred_element_type=jnp.float32)
+        return dw_DxV, dh_BxWxD.astype(cdt)
+
+    dw0 = jnp.zeros(w_c.shape, jnp.float32)
+    dw_DxV, dh_NxBxWxD = jax.lax.scan(one_chunk, dw0, (h_NxBxWxD, tgt_NxBxW, lse_NxBxW, g_NxBxW))
+    dtgt = np.zeros(tgt_NxBxW.shape, jax.dtypes.float0)
+    return dh_NxBxWxD, dw_DxV.astype(w_dtype_tag.dtype), dtgt
+
+
+head_logprobs.defvjp(_head_fwd, _head_bwd)
 
 
 def token_logprobs(

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 
 from conspo_jax.models import layers as L
@@ -106,7 +107,7 @@ class Transformer(nnx.Module):
     """Causal LM policy.
 
     Options are static attributes that travel in the graphdef, so `nnx.merge(graphdef, state)` inside
-    a jitted loss restores them: dtype (compute), param_dtype, remat (see layers.REMAT_POLICIES),
+    a jitted loss restores them: dtype (compute), param_dtype, remat (one of layers.REMAT_POLICIES),
     logprob_chunk (tokens per log-softmax chunk), attn_impl ('auto' = cuDNN flash attention on GPU in
     bf16/fp16, else XLA), attn_chunk (query block of masked XLA attention), mesh.
     """
@@ -163,22 +164,37 @@ class Transformer(nnx.Module):
 
     def head_weight(self) -> jax.Array:
         """LM head as [D, V] in the compute dtype (the transposed embedding when tied)."""
-        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
-        return w.astype(self.dtype)
+        return self.head_weight_param().astype(self.dtype)
+
+    def head_weight_param(self) -> jax.Array:
+        """LM head as [D, V] in the parameter dtype (the chunked log-prob casts it once itself)."""
+        return self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
     def final_hidden(self, x_BxTxD: jax.Array) -> jax.Array:
         return L.rms_norm(x_BxTxD, self.final_norm[...], self.config.rms_norm_eps)
+
+
+def compute_layer_params(model: Transformer) -> dict[str, jax.Array]:
+    """The stacked [L, ...] layer weights in the compute dtype, cast once for the whole stack.
+
+    Casting here, before the layer scan, means one convert per weight per pass (and its transpose in
+    the backward) instead of one per layer inside the scanned body, where remat would repeat it in the
+    backward's recomputation. Norm weights are cast too: rms_norm multiplies in the activations' dtype.
+    """
+    return {name: w.astype(model.dtype) for name, w in model.layers.arrays().items()}
 
 
 def qkv_projection(model: Transformer, p: dict[str, jax.Array], x_BxTxD, cos, sin):
     """Pre-norm + Q/K/V projections (+ bias, + q/k norm) + RoPE for one layer."""
     c, dt = model.config, model.dtype
     h = L.rms_norm(x_BxTxD, p["attn_norm"], c.rms_norm_eps)
+    # astype is free when the caller already cast the weights (compute_layer_params).
     q = jnp.einsum("btd,dnh->btnh", h, p["q"].astype(dt))
     k = jnp.einsum("btd,dnh->btnh", h, p["k"].astype(dt))
     v = jnp.einsum("btd,dnh->btnh", h, p["v"].astype(dt))
     if c.qkv_bias:
         q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
+    q, k, v = checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
     if c.qk_norm:
         q = L.rms_norm(q, p["q_norm"], c.rms_norm_eps)
         k = L.rms_norm(k, p["k_norm"], c.rms_norm_eps)
@@ -191,7 +207,8 @@ def qkv_projection(model: Transformer, p: dict[str, jax.Array], x_BxTxD, cos, si
 def attn_output_and_mlp(model: Transformer, p: dict[str, jax.Array], x_BxTxD, o_BxTxHxE):
     """Output projection + residual, then pre-norm SwiGLU + residual."""
     c, dt = model.config, model.dtype
-    x = x_BxTxD + jnp.einsum("btnh,nhd->btd", o_BxTxHxE.astype(dt), p["o"].astype(dt))
+    o_BxTxHxE = checkpoint_name(o_BxTxHxE.astype(dt), "context")
+    x = x_BxTxD + checkpoint_name(jnp.einsum("btnh,nhd->btd", o_BxTxHxE, p["o"].astype(dt)), "out_proj")
     x = constrain(x, model.mesh, ("batch", "seq", "act_embed"))
     h = L.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
     x = x + L.swiglu(h, p["gate"].astype(dt), p["up"].astype(dt), p["down"].astype(dt))
@@ -232,6 +249,7 @@ def hidden_states(
             kv_seg_BxS=segment_ids_BxT,
             self_visible=True,
             q_chunk=model.attn_chunk,
+            causal_prefix=True,
         )
 
     def layer(x, p):
@@ -239,7 +257,7 @@ def hidden_states(
         return attn_output_and_mlp(model, p, x, attend(q, k, v)), None
 
     x = model.embed_tokens(input_ids_BxT)
-    x, _ = jax.lax.scan(L.maybe_remat(layer, model.remat), x, model.layers.arrays())
+    x, _ = jax.lax.scan(L.maybe_remat(layer, model.remat), x, compute_layer_params(model))
     return model.final_hidden(x)
 
 
