@@ -25,7 +25,6 @@ from conspo_jax.data import arith
 from conspo_jax.data.math_data import load_dataset_spec
 from conspo_jax.data.prompts import encode_prompt
 from conspo_jax.models import ModelConfig, get_model_config, init_policy, load_hf_policy, make_mesh
-from conspo_jax.objectives import get_objective
 from conspo_jax.rewards import Verdict, default_pool
 from conspo_jax.rollout.engine import MockEngine, RolloutEngine, reverse_echo_script
 from conspo_jax.rollout.jax_engine import JaxEngine
@@ -35,32 +34,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def validate(config) -> None:
-    """Checks every value and path of the config (``conspo_jax.validation``), then the combinations
-    that would otherwise fail deep inside a run; raises ``UsageError`` naming the key and the value."""
+    """Checks every value and path of the config before anything runs (``conspo_jax.validation``);
+    raises ``UsageError`` naming the key and the value."""
     validate_config(config)
-    r = config.rollout
-    require(r.n >= 1, f"rollout.n must be a positive group size, got {r.n}")
-    require(r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}")
-    require(r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}")
-    require(
-        r.backend in ENGINE_BACKENDS, f"rollout.backend must be one of {sorted(ENGINE_BACKENDS)}, got {r.backend!r}"
-    )
-    require(config.task in ("math", "arith"), f"task must be 'math' or 'arith', got {config.task!r}")
-    for key in ("dtype", "param_dtype"):
-        value = config.model[key]
-        require(value in DTYPES, f"model.{key} must be one of {sorted(DTYPES)}, got {value!r}")
-    try:
-        get_objective(config.objective.name)
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"objective.name: {e}") from None
-    if config.model.path and not os.path.isdir(config.model.path):
-        raise UsageError(f"model.path: no such checkpoint directory {config.model.path!r}")
-    if not config.model.path and not config.model.arch:
-        raise UsageError("set model.path (an HF checkpoint directory) or model.arch (random weights)")
-    if config.task == "math":
-        require(bool(config.data.train), "data.train must name a training file or dataset for task='math'")
-    if config.data.train and os.path.sep in config.data.train and not os.path.exists(config.data.train):
-        raise UsageError(f"data.train: no such file {config.data.train!r}")
 
 
 def enable_compilation_cache(config) -> None:
