@@ -27,6 +27,9 @@ class Checkpointer:
     def latest_step(self):
         return self.manager.latest_step()
 
+    def all_steps(self):
+        return self.manager.all_steps()
+
     def save(self, step: int, state, data_state: dict, meta: dict, ref_params=None) -> None:
         items = dict(
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)

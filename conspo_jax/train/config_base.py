@@ -91,13 +91,17 @@ def base_config() -> ml_collections.ConfigDict:
             # refill finished ones with pending pairs) and decode steps per jitted chunk
             decode_rows=0,
             decode_chunk=16,
+            # 1: generate step t+1's rollouts (with step t's weights) while step t trains: one step off-policy
+            async_steps=0,
+            # > 0: truncated importance sampling, min(pi_trainer / pi_engine, cap) per token, for rollouts
+            # that are stale (async_steps) or come from another engine (sidecar, SGLang)
+            tis_cap=0.0,
             sidecar=ml_collections.ConfigDict(
                 dict(
                     address="127.0.0.1:50051",
                     token="",
                     weights_dir="",
                     max_staleness=0,
-                    tis_cap=0.0,
                     deadline_s=600.0,
                     verifier="",  # '': the task's (math or arith)
                     # read by the sidecar process (conspo sidecar --config ...)

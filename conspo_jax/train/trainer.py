@@ -8,6 +8,7 @@ runs, and re-running it resumes. Each stage is one method with a typed result, s
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -27,6 +28,7 @@ from conspo_jax.evals.runner import evaluate
 from conspo_jax.models import save_hf_policy
 from conspo_jax.objectives import check_rewards, get_objective
 from conspo_jax.rollout import Rollouts, SamplingParams
+from conspo_jax.train import inflight
 from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
 from conspo_jax.train.checkpoint import Checkpointer
 from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
@@ -48,6 +50,7 @@ class RolloutBatch:
     rollouts: Rollouts
     rewards_R: np.ndarray
     generate_s: float
+    step: int = -1  # the RL step these rollouts are for
 
 
 class Trainer:
@@ -87,6 +90,14 @@ class Trainer:
         # RL steps done; the optimizer's state.step counts updates (train.mini_batches per RL step).
         self.start, self.ref_params = self._restore_or_warm_start(needs_ref)
         self.resumed = self.ckpt.latest_step() is not None
+        # The rollout seed key is constant; a host copy lets a producer thread read it while the step
+        # function donates (and so deletes) the device train state.
+        self.rng_host = np.asarray(jax.device_get(self.state.rng))
+        self.async_steps = int(config.rollout.async_steps)
+        self.inflight_dir = os.path.join(workdir, "inflight")
+        # Overlapped runs: step t+1's batch (made by a producer thread while step t trains) and the thread.
+        self.pending = inflight.load(self.inflight_dir, self.start, RolloutBatch) if self.resumed else None
+        self.producer = concurrent.futures.ThreadPoolExecutor(1, "rollouts") if self.async_steps else None
         self.writer = MetricsWriter(workdir, resume_step=self.start if self.resumed else None)
         self.engine = build.make_engine(
             config,
@@ -174,7 +185,7 @@ class Trainer:
             num_groups=example.num_groups,
             prompt_len=self.width,
             optimizer=self.optimizer,
-            tis_cap=float(self.config.rollout.sidecar.tis_cap),
+            tis_cap=float(self.config.rollout.tis_cap),
         )
 
     def _load_results(self) -> dict:
@@ -194,12 +205,15 @@ class Trainer:
     # ---- stages --------------------------------------------------------------------------------
 
     def collect(self, step: int) -> RolloutBatch:
-        """Generates the step's rollouts and verifies them (unless the engine already did)."""
+        """Generates the step's rollouts and verifies them (unless the engine already did).
+
+        With ``rollout.async_steps=1`` it runs on the producer thread, so it reads no device train state.
+        """
         r = self.config.rollout
         t0 = time.time()
         records = next(self.data_iter)  # a list of {id, problem, answer} records
         prompts = [self.task.encode(rec) for rec in records]
-        key = jax.random.fold_in(jax.random.wrap_key_data(self.state.rng), step)
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.rng_host), step)
         sampling = SamplingParams(
             n=r.n,
             temperature=r.temperature,
@@ -218,7 +232,7 @@ class Trainer:
             texts = self.tokenizer.batch_decode(rollouts.completions(), skip_special_tokens=True)
             rewards = self.task.reward(texts, [answers[g] for g in rollouts.group_ids_R])
         check_rewards(rewards)  # a non-finite reward is an error naming the rollout, for every objective
-        return RolloutBatch(records, prompts, rollouts, np.asarray(rewards, np.float32), generate_s)
+        return RolloutBatch(records, prompts, rollouts, np.asarray(rewards, np.float32), generate_s, step)
 
     def make_batches(self, rb: RolloutBatch) -> list[RLBatch]:
         """One ``RLBatch`` of stacked micro-batches per optimizer update, old-policy log-probs included."""
@@ -263,16 +277,39 @@ class Trainer:
         return row
 
     def after_step(self, done: int, row: dict) -> None:
-        """Syncs the engine, evaluates when due, logs and checkpoints ``done`` finished steps."""
+        """Syncs the engine, evaluates when due, logs and checkpoints ``done`` finished steps.
+
+        The engine is idle here in both modes (an overlapped run has collected step ``done``'s batch).
+        """
         c = self.config
-        self.engine.sync(nnx.merge_state(self.state.params, self.rest), done)
+        weights = nnx.merge_state(self.state.params, self.rest)
+        if self.async_steps:
+            # The engine samples from these while the next step's update donates the train state's buffers.
+            weights = jax.tree.map(jnp.copy, weights)
+        self.engine.sync(weights, done)
         if c.eval.every and (done % c.eval.every == 0 or done == self.total_steps):
             row.update(self.evaluate(done))
         self.writer.write(done, row)
         if done % c.train.ckpt_every == 0 or done == self.total_steps:
+            if self.pending is not None:  # written first: a checkpoint never lacks the batch it expects
+                inflight.save(self.inflight_dir, done, self.pending)
             meta = {"step": done, "weight_version": done}
             self.ckpt.save(done, self.state, self.data_iter.get_state(), meta, self.ref_params)
+            inflight.prune(self.inflight_dir, self.ckpt.all_steps())
             self._write_results()
+
+    def check_staleness(self, rb: RolloutBatch, step: int) -> RolloutBatch:
+        """The rollouts trained on at ``step`` came from weights at most ``rollout.async_steps`` versions old."""
+        if rb.step != step:
+            raise RuntimeError(f"step {step} got the rollouts collected for step {rb.step}")
+        staleness = step - int(rb.rollouts.weight_version)
+        limit = self.async_steps + int(self.config.rollout.sidecar.max_staleness)
+        if staleness > limit:
+            raise RuntimeError(
+                f"step {step} got rollouts from weight version {rb.rollouts.weight_version}: {staleness} "
+                f"versions old, over the bound of {limit} (rollout.async_steps + rollout.sidecar.max_staleness)"
+            )
+        return rb
 
     # ---- evaluation and outputs ------------------------------------------------------------------
 
@@ -346,6 +383,8 @@ class Trainer:
             )
 
     def close(self) -> None:
+        if self.producer is not None:
+            self.producer.shutdown(wait=True, cancel_futures=True)
         self.writer.close()
         self.ckpt.close()
         self.engine.close()
@@ -362,9 +401,14 @@ class Trainer:
         row, done = {}, self.start
         for step in range(self.start, self.total_steps):
             t0 = time.time()
-            rb = self.collect(step)
-            row = self.update(self.make_batches(rb), step)
-            row.update(rollout_metrics(rb, row, t0))
+            rb, self.pending = self.pending or self.collect(step), None
+            future = None
+            if self.async_steps and step + 1 < self.total_steps:
+                future = self.producer.submit(self.collect, step + 1)  # overlaps this step's update
+            row = self.update(self.make_batches(self.check_staleness(rb, step)), step)
+            t_wait = time.time()
+            self.pending = future.result() if future is not None else None
+            row.update(rollout_metrics(rb, row, t0), **{"time/wait_rollouts_s": time.time() - t_wait})
             done = step + 1
             self.after_step(done, row)
             bar.update(1)
@@ -389,6 +433,7 @@ def rollout_metrics(rb: RolloutBatch, row: dict, t0: float) -> dict:
         "rollout/truncated_frac": float(np.mean([f == "length" for f in rb.rollouts.finish_reasons])),
         "margin": row.get("objective/margin", 0.0),
         "time/generate_s": rb.generate_s,
+        "rollout/staleness": float(rb.step - rb.rollouts.weight_version),
         "time/step_s": time.time() - t0,
     }
 
