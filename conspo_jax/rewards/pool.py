@@ -26,7 +26,8 @@ been starved for 4 x timeout_s. On a busy machine a slow-but-correct answer thus
 than hold its caller.
 
 Queueing: a ``verify`` call of n responses keeps at most ``num_workers`` of them in the shared queue
-or in flight; the next one enters (and its clock starts) when one of them finishes. So a
+or in flight; the next one enters (and its clock starts) when one of them finishes. (In a batch the
+in-process pass over all n, linear in their lengths, comes first, outside the clocks.) So a
 one-response call returns within ``max_wall_s`` of its start, even when every worker is busy with
 other callers' work, and an n-response call within ceil(n / num_workers) x ``max_wall_s``. The only
 wait outside the clock is a new pool's start-up: the first call waits for the first worker to warm
@@ -339,7 +340,8 @@ class RewardPool:
         """One ``Verdict`` per response, in order; ``timeout_s`` overrides the pool's per-task CPU limit.
 
         ``started`` (a ``time.monotonic()`` value, default now) is when the call's clock started, for a
-        caller that did work of its own first (``math_reward``'s box extraction).
+        caller that did work of its own first (``math_reward``'s box extraction). It applies to a
+        one-response call; in a batch, each response's clock starts when it enters the queue.
         """
         started = time.monotonic() if started is None else float(started)
         if len(responses) != len(ground_truths):
@@ -368,6 +370,10 @@ class RewardPool:
             self._check_open()
             if not self._warmed.is_set():  # a new pool's start-up is not part of any call
                 self.wait_ready_one()
+                started = max(started, time.monotonic())
+            if len(responses) > 1:
+                # A batch's in-process pass covered every response (linear time each); the clocks of its
+                # first num_workers queued responses start when they enter the queue, not before it.
                 started = max(started, time.monotonic())
             timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
             batch = _Batch(verdicts, extracted, timeout_s, self.max_wall_s, len(todo), collections.deque(todo))
