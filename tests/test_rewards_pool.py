@@ -1,4 +1,5 @@
-"""RewardPool lifecycle: CPU budgets, starvation-aware kills, replacement of dead workers, no leaks."""
+"""RewardPool lifecycle: CPU budgets, the hard wall bound on starved workers, replacement of dead workers
+by the warm spare, no leaks."""
 
 import os
 import signal
@@ -24,8 +25,8 @@ def _alive(pid: int) -> bool:
 def test_pool_cpu_budget_worker_replacement_threads_and_clean_shutdown():
     with RewardPool(1, timeout_s=1.5) as pool:
         pool.wait_ready()
-        (first_pid,) = pool.pids
-        assert _alive(first_pid)
+        first_pid, spare_pid = pool.pids  # one worker and one warm spare
+        assert _alive(first_pid) and _alive(spare_pid)
 
         # A task over its budget stops itself on the worker's CPU timer: 0 points, no restart needed.
         t0 = time.monotonic()
@@ -33,18 +34,19 @@ def test_pool_cpu_budget_worker_replacement_threads_and_clean_shutdown():
         assert (v.score, v.reason) == (0.0, "timeout")
         assert v.extracted == "\\int_0^\\infty e^{-x^2} dx"
         assert v.cpu_s <= 0.35 and (time.monotonic() - t0 < 1.0 or v.cpu_s < 0.5 * (time.monotonic() - t0))
-        assert pool.num_timeouts == 1 and pool.num_restarts == 0 and pool.pids == [first_pid]
+        assert pool.num_timeouts == 1 and pool.num_restarts == 0 and pool.pids == [first_pid, spare_pid]
 
         # A worker that dies between tasks is replaced transparently.
         os.kill(first_pid, signal.SIGKILL)
         time.sleep(0.2)
-        # The replacement serves the next batch (it waits for the new worker to warm up).
+        # The warm spare serves the next batch at once while the replacement starts.
         assert pool.score(["\\boxed{0.5}", "\\boxed{3}", "\\boxed{\\sqrt{4}}"], ["\\frac12", "4", "2"]).tolist() == [
             1.0,
             0.0,
             1.0,
         ]
-        assert not _alive(first_pid) and pool.pids[0] != first_pid and pool.num_restarts == 1
+        assert not _alive(first_pid) and first_pid not in pool.pids and pool.num_restarts == 1
+        assert len(pool.pids) == 2
 
         # Concurrent callers are serialised, and each gets its own answers.
         out = {}
@@ -82,10 +84,9 @@ def test_pool_rejects_bad_arguments():
 
 def test_starved_worker_gets_max_wall_then_is_killed():
     """A worker that gets no CPU (here: SIGSTOPped, as on an overloaded machine) is not killed at
-    timeout_s but at max_wall_s, and then replaced."""
+    timeout_s but at max_wall_s after the call started, and then replaced."""
     with RewardPool(1, timeout_s=0.2, max_wall_s=1.2) as pool:
         pool.wait_ready()
-        (pid,) = pool.pids
         result = {}
 
         def run():
@@ -95,19 +96,20 @@ def test_starved_worker_gets_max_wall_then_is_killed():
 
         th = threading.Thread(target=run)
         th.start()
-        while pool._workers[0].task is None:
+        while not any(w.task is not None for w in pool._workers):
             time.sleep(0.005)
+        (pid,) = [w.proc.pid for w in pool._workers if w.task is not None]
         os.kill(pid, signal.SIGSTOP)
         th.join()
         assert result["v"].reason == "timeout" and pool.num_restarts == 1
         assert 1.1 <= result["t"] < 2.0, result["t"]
-        assert not _alive(pid) and len(pool.pids) == 1
+        assert not _alive(pid) and pid not in pool.pids and len(pool.pids) == 2
 
 
 def test_interrupted_batch_leaves_the_pool_usable():
     with RewardPool(1) as pool:
         pool.wait_ready()
-        (pid,) = pool.pids
+        pid = pool.pids[0]  # the first idle worker gets the task
         real_pump = pool._pump
 
         class Interrupted(Exception):  # stands in for Ctrl-C while a task is in flight
@@ -120,5 +122,5 @@ def test_interrupted_batch_leaves_the_pool_usable():
         with pytest.raises(Interrupted):
             pool.verify(["\\boxed{x^2}"], ["x*x"])
         pool._pump = real_pump
-        assert pool.pids != [pid] and not _alive(pid), "the worker holding the abandoned task is replaced"
+        assert pid not in pool.pids and not _alive(pid), "the worker holding the abandoned task is replaced"
         assert pool.score(["\\boxed{x^2}"], ["x \\cdot x"]).tolist() == [1.0]

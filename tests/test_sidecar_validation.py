@@ -117,8 +117,12 @@ def test_port_in_use_is_one_clear_line(tmp_path, capsys, monkeypatch):
         with pytest.raises(UsageError, match=f"port {port} on 127.0.0.1 is already in use"):
             serve(handle=build_engine("mock"), port=port, options=SidecarOptions(weights_dir=str(tmp_path), workers=0))
         code = sidecar_main(["--engine", "mock", "--port", str(port), "--weights-dir", str(tmp_path), "--workers", "0"])
-    err = capsys.readouterr().err.strip().splitlines()
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, err
+    err = err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"port {port} on 127.0.0.1 is already in use" in err[0], err
     code = sidecar_main(["--engine", "mock", "--host", "0.0.0.0", "--weights-dir", str(tmp_path), "--workers", "0"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and "without a token" in err[-1], err
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, err
+    err = err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "refusing to serve '0.0.0.0'" in err[0] and "without a token" in err[0], err

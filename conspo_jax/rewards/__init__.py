@@ -10,9 +10,10 @@ Public API:
 Bounds, whatever the response: box extraction and the in-process checks are linear in its length
 (a megabyte of look-alike commands or braces costs at most ~0.1 s of CPU); integers of any length compare as
 digit strings (no int-conversion limit); answers over MAX_ANSWER_CHARS that those checks do not
-decide score 0.0; everything else runs in a worker with a CPU budget (default 1.5 s, extended up to
-4x only while the worker is starved of CPU by other processes). Concurrent callers share every
-worker. bench/verifier.py measures it.
+decide score 0.0; everything else runs in a worker with a CPU budget (default 1.5 s). No call (one
+response's verification) returns later than ``max_wall_s`` (2 s) after it started, queueing included:
+past that it scores 0.0 and a worker still on it is killed. Concurrent callers share every worker.
+bench/verifier.py measures it.
 """
 
 from conspo_jax.rewards.api import default_pool, math_reward, math_reward_batch, shutdown_default_pool

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,8 +46,11 @@ def math_reward(response: str, ground_truth, *, timeout_s: float = DEFAULT_TIMEO
     Easy cases (no box, identical answers, integers of any length) never leave this process and cost
     time linear in ``len(response)``; an answer or ground truth over ``MAX_ANSWER_CHARS`` that they do
     not decide scores 0.0; the rest go to a shared worker pool, so a pathological answer costs at most
-    ``timeout_s`` once the pool is warm. Calls from many threads at once are spread over all workers.
+    ``timeout_s`` of CPU once the pool is warm, and no call returns later than the pool's ``max_wall_s``
+    (2 s) after it started, queueing for a busy worker included (see ``conspo_jax.rewards.pool``).
+    Calls from many threads at once are spread over all workers.
     """
+    started = time.monotonic()
     if not isinstance(response, str):
         raise TypeError(f"math_reward: response must be str, got {type(response).__name__}")
     box = ex.extract_boxed(response)
@@ -58,7 +62,8 @@ def math_reward(response: str, ground_truth, *, timeout_s: float = DEFAULT_TIMEO
         return quick[0]
     if max(len(pred), len(gold)) > ex.MAX_ANSWER_CHARS:
         return 0.0
-    return float(default_pool().score([response], [ground_truth], timeout_s=timeout_s)[0])
+    (v,) = default_pool().verify([response], [ground_truth], timeout_s=timeout_s, started=started)
+    return v.score
 
 
 def math_reward_batch(

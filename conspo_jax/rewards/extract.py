@@ -45,7 +45,8 @@ def _balanced(text: str, open_pos: int) -> str | None:
     depth; ``\\\\{`` is an escaped backslash and then a real brace. Vectorised with numpy (a
     Python loop over a megabyte of braces takes ~0.3 s): the depth is a cumulative sum of +1/-1.
     """
-    codes = np.frombuffer(text[open_pos:].encode("utf-32-le"), dtype=np.uint32)
+    # surrogatepass: a lone surrogate (invalid UTF-16 from a tokenizer) is one code point, not an error.
+    codes = np.frombuffer(text[open_pos:].encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     backslash = codes == 92
     idx = np.arange(len(codes), dtype=np.int64 if len(codes) >= 2**31 else np.int32)
     # Backslashes in the run ending just before i: i - 1 - (last non-backslash index before i).

@@ -11,12 +11,30 @@ re-import the caller's ``__main__`` and never inherit a forked JAX runtime.
 The parent does the cheap part itself (``extract.py``): extraction of the last box, size bounds, exact
 and integer matches. Only the bounded remainder crosses the pipe.
 
-The time limit ``timeout_s`` (default 1.5 s) holds in two layers. The worker stops a task itself after
-0.85 x timeout_s of CPU time (a CPU timer, so no restart is needed); the parent SIGKILLs a worker still
-busy at timeout_s of wall time (work stuck in C code). On an idle machine a pathological answer thus
-costs at most timeout_s. On a machine whose CPUs other processes hog, a worker that has not yet had its
-CPU budget by the deadline is waiting for a CPU, not stuck: it keeps running up to ``max_wall_s``
-(default 4 x timeout_s) so that a correct answer is not scored 0 just because the machine was busy.
+The bound (issue 14: no verifier call over 2 s, whatever the response). A *call* is the verification
+of one response: ``math_reward(response, gt)``, or one element of ``verify([...])``. Its clock starts
+when it enters the pool (``verify`` is called; for ``math_reward`` the call itself, so the in-process
+box extraction counts too) and covers the wait for a free worker. Past ``max_wall_s`` (default 2 s)
+its verdict is 0.0 with reason "timeout", whatever it was doing: still queued, or running. Inside
+that, the worker stops a task itself after 0.85 x min(timeout_s, the wall time left) of CPU time
+(default timeout_s 1.5 s; a CPU timer, so no restart is needed). A task still running at the wall
+deadline is detached rather than killed: its caller has its 0, and the worker, starved of CPU by
+other processes, finishes its CPU slice in the background and is reused (a kill would cost a sympy
+import, ~1 s of CPU, on a machine already short of it). A worker is SIGKILLed and replaced when it
+has had its CPU budget and still not replied (stuck in C code) ``timeout_s`` after dispatch, or has
+been starved for 4 x timeout_s. On a busy machine a slow-but-correct answer thus scores 0 rather
+than hold its caller.
+
+Queueing: a ``verify`` call of n responses keeps at most ``num_workers`` of them in the shared queue
+or in flight; the next one enters (and its clock starts) when one of them finishes. (In a batch the
+in-process pass over all n, linear in their lengths, comes first, outside the clocks.) So a
+one-response call returns within ``max_wall_s`` of its start, even when every worker is busy with
+other callers' work, and an n-response call within ceil(n / num_workers) x ``max_wall_s``. The only
+wait outside the clock is a new pool's start-up: the first call waits for the first worker to warm
+up (about 1 s idle; ``wait_ready()`` does it ahead of time). After that, one warm spare worker
+(``spare_workers``) takes over at once from a killed or detached one: at most ``num_workers`` tasks
+are live at a time, and detached ones do not count.
+Measured in BENCHMARKS.md ("Verifier: the 2 s bound"); tests/test_rewards_wall.py checks it.
 
 Threads: many threads may call ``verify`` at once (e.g. 200 ``math_reward`` callers). Every call puts
 its tasks on one shared queue; whichever caller holds the driver lock feeds the queue to every free
@@ -46,6 +64,8 @@ import numpy as np
 from conspo_jax.rewards import extract as ex
 
 DEFAULT_TIMEOUT_S = 1.5
+DEFAULT_WALL_S = 2.0
+_MIN_SLICE_S = 0.05  # a task with less wall time left than this is not dispatched
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -78,6 +98,7 @@ class _Batch:
     timeout_s: float
     max_wall_s: float
     remaining: int
+    todo: collections.deque  # (index, pred, gold) not yet in the shared queue
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def finish(self, i: int, verdict: Verdict) -> None:
@@ -108,22 +129,24 @@ class _Worker:
         self.buf = b""
         self.ready = False
         self.task: int | None = None
-        self.deadline = 0.0
-        self.sent = self.last_chance = 0.0
+        self.deadline = 0.0  # when the parent looks at this task next
+        self.sent = self.wall_deadline = self.stuck_at = self.kill_at = 0.0
         self.cpu_at_send: float | None = None
         self.cpu_budget = 0.0
 
-    def send(self, task_id: int, pred: str, gold: str, timeout_s: float, max_wall_s: float) -> None:
+    def send(self, task_id: int, pred: str, gold: str, timeout_s: float, wall_deadline: float) -> None:
         # The worker stops itself after ~85% of the limit in CPU, before the parent's wall-clock kill
-        # would cost a process restart.
-        self.cpu_budget = round(0.85 * timeout_s, 3)
+        # would cost a process restart; never more CPU than the wall time the task has left.
+        now = time.monotonic()
+        self.cpu_budget = round(0.85 * min(timeout_s, wall_deadline - now), 3)
         msg = {"i": task_id, "p": pred, "g": gold, "t": self.cpu_budget}
         self.proc.stdin.write((json.dumps(msg) + "\n").encode())
         self.proc.stdin.flush()
         self.task = task_id
-        self.sent = time.monotonic()
-        self.deadline = self.sent + timeout_s
-        self.last_chance = self.sent + max(timeout_s, max_wall_s)
+        self.sent, self.wall_deadline = now, wall_deadline  # the caller has its verdict by wall_deadline
+        self.stuck_at = now + timeout_s  # had its CPU by then and no reply: stuck in C code, killed
+        self.kill_at = now + max(4 * timeout_s, wall_deadline - now)  # starved this long: killed anyway
+        self.deadline = min(self.stuck_at, wall_deadline)
         self.cpu_at_send = _cpu_seconds(self.proc.pid)
 
     def task_cpu(self) -> float | None:
@@ -184,10 +207,13 @@ class RewardPool:
     construction (about a second each to import sympy), so build the pool before the first rollout to
     hide that.
 
-    num_workers:      verifier processes (default: cores - 1, between 1 and 8).
-    timeout_s:        limit per verification once a worker has it (CPU-time in the worker, wall-clock
-                      in the parent; see the module docstring).
-    max_wall_s:       the limit for a worker starved of CPU by other processes (default 4 x timeout_s).
+    num_workers:      verifier processes working at once (default: cores - 1, between 1 and 8).
+    timeout_s:        CPU limit per verification once a worker has it (the worker stops at 0.85 x it;
+                      the parent kills a worker that used it and is stuck; see the module docstring).
+    max_wall_s:       the hard wall-clock bound per response, counted from when its call starts,
+                      queueing included (default 2 s). Past it the response scores 0.0 ("timeout").
+    spare_workers:    warm idle workers kept beyond ``num_workers`` so that a killed worker's
+                      successor needs no start-up (default 1; they cost memory, not CPU).
     memory_limit_mb:  address-space cap of each worker.
     start_timeout_s:  how long to wait for a first worker to come up before raising.
     max_answer_chars: answers (and ground truths) longer than this that the in-process checks do not
@@ -202,21 +228,27 @@ class RewardPool:
         memory_limit_mb: int = 2048,
         start_timeout_s: float = 120.0,
         max_answer_chars: int = ex.MAX_ANSWER_CHARS,
-        max_wall_s: float | None = None,
+        max_wall_s: float = DEFAULT_WALL_S,
+        spare_workers: int = 1,
     ):
         num_workers = default_num_workers() if num_workers is None else num_workers
         if int(num_workers) < 1:
             raise ValueError(f"RewardPool: num_workers must be >= 1, got {num_workers}")
         if not timeout_s > 0:
             raise ValueError(f"RewardPool: timeout_s must be > 0, got {timeout_s}")
+        if not max_wall_s > _MIN_SLICE_S:
+            raise ValueError(f"RewardPool: max_wall_s must be > {_MIN_SLICE_S}, got {max_wall_s}")
+        if int(spare_workers) < 0:
+            raise ValueError(f"RewardPool: spare_workers must be >= 0, got {spare_workers}")
         self.num_workers, self.timeout_s = int(num_workers), float(timeout_s)
         self.memory_limit_mb, self.start_timeout_s = int(memory_limit_mb), float(start_timeout_s)
         self.max_answer_chars = int(max_answer_chars)
-        self.max_wall_s = None if max_wall_s is None else float(max_wall_s)
+        self.max_wall_s, self.spare_workers = float(max_wall_s), int(spare_workers)
+        self._warmed = threading.Event()  # set once any worker has come up: the clock runs from then
         self._owner = os.getpid()
         self._lock = threading.Lock()  # the driver lock: its holder alone touches workers and _inflight
         self._queue_lock = threading.Lock()  # guards _pending, which every caller appends to
-        self._pending: collections.deque = collections.deque()  # (batch, index, pred, gold)
+        self._pending: collections.deque = collections.deque()  # (batch, index, pred, gold, wall deadline)
         self._inflight: dict[int, tuple[_Worker, _Batch, int]] = {}  # task id -> (worker, batch, index)
         self._task_ids = itertools.count()
         # A caller that queues work while the driver sleeps in select() wakes it through this pipe.
@@ -235,7 +267,7 @@ class RewardPool:
     # --- lifecycle ---------------------------------------------------------------------------------
 
     def _top_up(self) -> None:
-        while len(self._workers) < self.num_workers:
+        while len(self._workers) < self.num_workers + self.spare_workers:
             self._workers.append(_Worker(self.memory_limit_mb))
 
     def _drop(self, w: _Worker) -> None:
@@ -298,9 +330,20 @@ class RewardPool:
     # --- verification ------------------------------------------------------------------------------
 
     def verify(
-        self, responses: Sequence[str], ground_truths: Sequence, *, timeout_s: float | None = None
+        self,
+        responses: Sequence[str],
+        ground_truths: Sequence,
+        *,
+        timeout_s: float | None = None,
+        started: float | None = None,
     ) -> list[Verdict]:
-        """One ``Verdict`` per response, in order; ``timeout_s`` overrides the pool's per-task limit."""
+        """One ``Verdict`` per response, in order; ``timeout_s`` overrides the pool's per-task CPU limit.
+
+        ``started`` (a ``time.monotonic()`` value, default now) is when the call's clock started, for a
+        caller that did work of its own first (``math_reward``'s box extraction). It applies to a
+        one-response call; in a batch, each response's clock starts when it enters the queue.
+        """
+        started = time.monotonic() if started is None else float(started)
         if len(responses) != len(ground_truths):
             raise ValueError(f"RewardPool.verify: {len(responses)} responses but {len(ground_truths)} ground truths")
         verdicts: list[Verdict | None] = [None] * len(responses)
@@ -325,11 +368,20 @@ class RewardPool:
                 todo.append((i, pred, gold))
         if todo:
             self._check_open()
+            if not self._warmed.is_set():  # a new pool's start-up is not part of any call
+                self.wait_ready_one()
+                started = max(started, time.monotonic())
+            if len(responses) > 1:
+                # A batch's in-process pass covered every response (linear time each); the clocks of its
+                # first num_workers queued responses start when they enter the queue, not before it.
+                started = max(started, time.monotonic())
             timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
-            max_wall_s = 4 * timeout_s if self.max_wall_s is None else self.max_wall_s
-            batch = _Batch(verdicts, extracted, timeout_s, max_wall_s, len(todo))
+            batch = _Batch(verdicts, extracted, timeout_s, self.max_wall_s, len(todo), collections.deque(todo))
             with self._queue_lock:
-                self._pending.extend((batch, i, pred, gold) for i, pred, gold in todo)
+                # The first num_workers enter now, on the call's clock; each later one when a slot frees.
+                for _ in range(min(self.num_workers, len(todo))):
+                    i, pred, gold = batch.todo.popleft()
+                    self._pending.append((batch, i, pred, gold, started + batch.max_wall_s))
             self._wake()
             self._wait_for(batch)
         return verdicts  # type: ignore[return-value]
@@ -340,11 +392,37 @@ class RewardPool:
 
     __call__ = score
 
+    def wait_ready_one(self) -> None:
+        """Blocks until some worker is warm (a new pool's start-up); raises after ``start_timeout_s``."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self._warmed.is_set():
+            if self._lock.acquire(timeout=0.05):
+                try:
+                    self._check_open()
+                    self._top_up()
+                    self._pump(min(0.5, max(0.0, deadline - time.monotonic())))
+                finally:
+                    self._lock.release()
+            self._check_open()
+            if time.monotonic() > deadline and not self._warmed.is_set():
+                raise RuntimeError(
+                    f"RewardPool: no verifier worker came up within {self.start_timeout_s}s "
+                    f"(try `{sys.executable} -m conspo_jax.rewards._worker` to see why)"
+                )
+
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"x")
         except OSError:  # pipe full (a wake-up is pending anyway) or pool closed
             pass
+
+    def _finish(self, batch: _Batch, i: int, verdict: Verdict) -> None:
+        """Records a verdict and lets the batch's next task into the queue, its clock starting now."""
+        batch.finish(i, verdict)
+        if batch.todo:
+            j, pred, gold = batch.todo.popleft()
+            with self._queue_lock:
+                self._pending.append((batch, j, pred, gold, time.monotonic() + batch.max_wall_s))
 
     def _wait_for(self, batch: _Batch) -> None:
         """Returns once ``batch`` is done, driving the workers whenever no other caller does."""
@@ -361,21 +439,15 @@ class RewardPool:
 
     def _drive(self, batch: _Batch) -> None:
         """Feeds every caller's tasks to free workers until ``batch`` is done (driver lock held)."""
-        waiting_since = time.monotonic()
         try:
             while not batch.done.is_set():
                 self._top_up()
                 self._dispatch()
-                if not any(w.ready for w in self._workers):
-                    if time.monotonic() - waiting_since > self.start_timeout_s:
-                        raise RuntimeError(
-                            f"RewardPool: no verifier worker came up within {self.start_timeout_s}s "
-                            f"(try `{sys.executable} -m conspo_jax.rewards._worker` to see why)"
-                        )
-                else:
-                    waiting_since = time.monotonic()
-                busy = [w.deadline for w, _, _ in self._inflight.values()]
-                wait = max(0.0, min(busy) - time.monotonic()) if busy else 0.5
+                # Sleep until a reply, a wake-up, or the next deadline of a running or queued task.
+                with self._queue_lock:
+                    times = [t[4] for t in self._pending]
+                times += [w.deadline for w in self._workers if w.task is not None]
+                wait = max(0.0, min(times) - time.monotonic()) if times else 0.5
                 self._pump(wait)
                 self._expire()
         except BaseException:
@@ -384,6 +456,7 @@ class RewardPool:
 
     def _abandon(self, batch: _Batch) -> None:
         """Interrupted mid-batch: drop its queued tasks; no worker may keep one of its stale tasks."""
+        batch.todo.clear()
         with self._queue_lock:
             self._pending = collections.deque(t for t in self._pending if t[0] is not batch)
         for tid, (w, b, _) in list(self._inflight.items()):
@@ -393,16 +466,23 @@ class RewardPool:
 
     def _dispatch(self) -> None:
         for w in list(self._workers):
+            if len(self._inflight) >= self.num_workers:
+                return  # the rest are spares
             if not (w.ready and w.task is None):
                 continue
-            with self._queue_lock:
-                if not self._pending:
-                    return
-                item = self._pending.popleft()
-            batch, i, pred, gold = item
+            while True:
+                with self._queue_lock:
+                    if not self._pending:
+                        return
+                    item = self._pending.popleft()
+                batch, i, pred, gold, wall_deadline = item
+                if wall_deadline - time.monotonic() >= _MIN_SLICE_S:
+                    break
+                self._finish(batch, i, Verdict(0.0, batch.extracted[i], ex.TIMEOUT))  # ran out queueing
+                self.num_timeouts += 1
             tid = next(self._task_ids)
             try:
-                w.send(tid, pred, gold, batch.timeout_s, batch.max_wall_s)
+                w.send(tid, pred, gold, batch.timeout_s, wall_deadline)
                 self._inflight[tid] = (w, batch, i)
             except (BrokenPipeError, OSError):  # died between tasks: not this task's fault
                 with self._queue_lock:
@@ -412,14 +492,29 @@ class RewardPool:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for tid, (w, batch, i) in list(self._inflight.items()):
-            if now >= w.deadline and now < w.last_chance and w.starved():
-                w.deadline = min(now + 0.1, w.last_chance)  # busy machine: look again soon
-            elif now >= w.deadline:
-                del self._inflight[tid]
-                batch.finish(i, Verdict(0.0, batch.extracted[i], ex.TIMEOUT, w.task_cpu()))
+        for w in list(self._workers):
+            if w.task is None or now < w.deadline:
+                continue
+            live = w.task in self._inflight  # False: its caller already has its 0 (a detached task)
+            stuck = now >= w.stuck_at and not w.starved()
+            if live and (stuck or now >= w.wall_deadline):
+                _, batch, i = self._inflight.pop(w.task)
+                self._finish(batch, i, Verdict(0.0, batch.extracted[i], ex.TIMEOUT, w.task_cpu()))
                 self.num_timeouts += 1
+            if stuck or now >= w.kill_at:
                 self._drop(w)
+            else:
+                # Starved of CPU: keep it (its CPU timer will stop it; a restart would cost a sympy
+                # import on an already busy machine) but look again soon.
+                w.deadline = min(now + 0.1, w.wall_deadline) if live else now + 0.1
+        # Queued tasks whose time ran out while every worker was busy.
+        with self._queue_lock:
+            late = [t for t in self._pending if t[4] - now < _MIN_SLICE_S]
+            if late:
+                self._pending = collections.deque(t for t in self._pending if t[4] - now >= _MIN_SLICE_S)
+        for batch, i, _, _, _ in late:
+            self._finish(batch, i, Verdict(0.0, batch.extracted[i], ex.TIMEOUT))
+            self.num_timeouts += 1
 
     def _pump(self, wait_s) -> None:
         """Waits up to ``wait_s`` for worker output or a wake-up (the select wakes on the first line)
@@ -445,17 +540,19 @@ class RewardPool:
             for m in msgs:
                 if "ready" in m:
                     w.ready = True
+                    self._warmed.set()
                     self._start_failures = 0
-                elif m.get("i") == w.task and w.task in self._inflight:
-                    _, batch, i = self._inflight.pop(w.task)
-                    reason = ex.TIMEOUT if m.get("timeout") else ex.ERROR if "err" in m else ex.PARSED
-                    batch.finish(i, Verdict(float(m["ok"]), batch.extracted[i], reason, m.get("cpu")))
-                    self.num_timeouts += reason == ex.TIMEOUT
+                elif m.get("i") == w.task:
+                    if w.task in self._inflight:  # else a detached task: its caller already had its 0
+                        _, batch, i = self._inflight.pop(w.task)
+                        reason = ex.TIMEOUT if m.get("timeout") else ex.ERROR if "err" in m else ex.PARSED
+                        self._finish(batch, i, Verdict(float(m["ok"]), batch.extracted[i], reason, m.get("cpu")))
+                        self.num_timeouts += reason == ex.TIMEOUT
                     w.task = None
             if eof:  # crashed (e.g. killed by the CPU cap): its task, if any, scores 0
                 if w.task is not None and w.task in self._inflight:
                     _, batch, i = self._inflight.pop(w.task)
-                    batch.finish(i, Verdict(0.0, batch.extracted[i], ex.ERROR))
+                    self._finish(batch, i, Verdict(0.0, batch.extracted[i], ex.ERROR))
                 self._drop(w)
                 if not w.ready:
                     self._start_failures += 1
