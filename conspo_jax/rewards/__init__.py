@@ -11,7 +11,7 @@ Bounds, whatever the response: box extraction and the in-process checks are line
 (a megabyte of look-alike commands or braces costs at most ~0.1 s of CPU); integers of any length compare as
 digit strings (no int-conversion limit); answers over MAX_ANSWER_CHARS that those checks do not
 decide score 0.0; everything else runs in a worker with a CPU budget (default 1.5 s). No call (one
-response's verification) returns later than ``max_wall_s`` (2 s) after it started, queueing included:
+response's verification) returns later than 2 s after it started (the deadline ``max_wall_s`` fires at 1.8 s), queueing included:
 past that it scores 0.0 and a worker still on it is killed. Concurrent callers share every worker.
 bench/verifier.py measures it.
 """

@@ -46,8 +46,8 @@ def math_reward(response: str, ground_truth, *, timeout_s: float = DEFAULT_TIMEO
     Easy cases (no box, identical answers, integers of any length) never leave this process and cost
     time linear in ``len(response)``; an answer or ground truth over ``MAX_ANSWER_CHARS`` that they do
     not decide scores 0.0; the rest go to a shared worker pool, so a pathological answer costs at most
-    ``timeout_s`` of CPU once the pool is warm, and no call returns later than the pool's ``max_wall_s``
-    (2 s) after it started, queueing for a busy worker included (see ``conspo_jax.rewards.pool``).
+    ``timeout_s`` of CPU once the pool is warm, and no call returns later than 2 s (the pool's ``max_wall_s``, 1.8 s, plus
+    reaping) after it started, queueing for a busy worker included (see ``conspo_jax.rewards.pool``).
     Calls from many threads at once are spread over all workers.
     """
     started = time.monotonic()
