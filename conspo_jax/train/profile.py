@@ -86,15 +86,7 @@ def _profile(trainer: Trainer, *, steps: int, what: str, peak_tflops: float | No
     cache_dir = jax.config.jax_compilation_cache_dir or None
     if cache_dir:
         notes.append(f"compile s may be persistent-cache hits: the compilation cache {cache_dir} is on")
-    if what in ("train", "both"):
-        rows.append(_train(trainer, model_config, steps, peak, peak_how, programs))
-    if what in ("sample", "both"):
-        if isinstance(trainer.engine, JaxEngine):
-            rows.extend(_sample(trainer, steps, peak, peak_how, programs))
-        else:
-            notes.append(f"sampler not profiled: rollout.backend={c.rollout.backend!r} runs outside this process")
-            log.info(notes[-1])
-    summary = dict(
+    head = dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         machine=f"{platform.node()}, {os.cpu_count()} CPUs, {device.device_kind} ({jax.default_backend()})",
         jax=jax.__version__,
@@ -111,13 +103,24 @@ def _profile(trainer: Trainer, *, steps: int, what: str, peak_tflops: float | No
         compilation_cache=cache_dir,
         peak_flops=peak,
         peak_flops_how=peak_how,
-        notes=notes,
-        rows=rows,
-        programs=programs,
     )
-    summary["table"] = P.summary_table(rows) + "".join(f"\n{n}" for n in notes)
-    P.save_json(summary, os.path.join(workdir, "summary.json"))
-    return summary
+
+    def save() -> dict:  # after each program, so a run cut by a time limit keeps what it finished
+        table = P.summary_table(rows) + "".join(f"\n{n}" for n in notes)
+        summary = dict(head, notes=notes, rows=rows, programs=programs, table=table)
+        P.save_json(summary, os.path.join(workdir, "summary.json"))
+        return summary
+
+    if what in ("train", "both"):
+        rows.append(_train(trainer, model_config, steps, peak, peak_how, programs))
+        save()
+    if what in ("sample", "both"):
+        if isinstance(trainer.engine, JaxEngine):
+            _sample(trainer, steps, peak, peak_how, programs, rows, on_row=save)
+        else:
+            notes.append(f"sampler not profiled: rollout.backend={c.rollout.backend!r} runs outside this process")
+            log.info(notes[-1])
+    return save()
 
 
 def _record(programs, name, report, facts, program_facts, seconds, trace_dir, **extra) -> None:
@@ -235,8 +238,9 @@ def _train(trainer: Trainer, model_config, steps, peak, peak_how, programs) -> d
     )
 
 
-def _sample(trainer: Trainer, steps, peak, peak_how, programs) -> list[dict]:
-    """The engine's prefill and decode-chunk programs, called as ``run_decode`` calls them."""
+def _sample(trainer: Trainer, steps, peak, peak_how, programs, rows_out: list, on_row) -> None:
+    """The engine's prefill and decode-chunk programs, called as ``run_decode`` calls them; their summary
+    rows are appended to rows_out as they finish, on_row() called after each."""
     c, engine, workdir = trainer.config, trainer.engine, trainer.workdir
     r = c.rollout
     state, mc = engine._sampling_state()
@@ -256,7 +260,6 @@ def _sample(trainer: Trainer, steps, peak, peak_how, programs) -> list[dict]:
     samp = (jnp.float32(r.temperature), jnp.float32(r.top_p), jnp.int32(r.top_k))
     stop_ids = jnp.full((_MAX_STOP_IDS,), -1, jnp.int32)  # no stop token: every row decodes to the end
     head6 = 6.0 * mc.vocab_size * mc.hidden_size
-    out = []
 
     # ---- prefill: every row's prompt at once (what the first refill of a step does)
     pre_args = (idx_N, prompt_NxQ, mask_NxQ, key, samp, stop_ids)
@@ -280,7 +283,7 @@ def _sample(trainer: Trainer, steps, peak, peak_how, programs) -> list[dict]:
     trace_dir = os.path.join(workdir, "trace_prefill")
     seconds = P.trace_steps(prefill_step, steps, trace_dir, make_args=lambda i: pre_args, annotation="prefill")
     _record(programs, "prefill", report, facts, program_facts, seconds, trace_dir, rows=rows, prompt_len=plen)
-    out.append(
+    rows_out.append(
         _row(
             f"prefill {rows}x{plen}",
             report,
@@ -294,6 +297,7 @@ def _sample(trainer: Trainer, steps, peak, peak_how, programs) -> list[dict]:
             peak_how=peak_how,
         )
     )
+    on_row()
 
     # ---- decode: one chunk from the middle of generation, every row live
     count0 = max(1, min(max_new // 2, max_new - chunk))
@@ -341,7 +345,7 @@ def _sample(trainer: Trainer, steps, peak, peak_how, programs) -> list[dict]:
         kv_cache_shapes=kv_shapes,
     )
     keys = plen + count0 + (run_steps - 1) / 2  # mean attended cache slots over the chunk
-    out.append(
+    rows_out.append(
         _row(
             f"decode {rows}x{run_steps} window={window}",
             report,
@@ -355,4 +359,4 @@ def _sample(trainer: Trainer, steps, peak, peak_how, programs) -> list[dict]:
             loop_steps=run_steps,  # the step loop's body (one decode step) was counted once
         )
     )
-    return out
+    on_row()
