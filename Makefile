@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum setup.cfg | cut -d' ' -f1)
 PYTEST_ARGS ?= -n 2 --durations=15
 
-.PHONY: env test lint wheel-smoke train bench-objectives bench-logprob notebooks proto
+.PHONY: env test lint wheel-smoke train bench-objectives bench-logprob bench-gpu notebooks proto
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,11 @@ bench-objectives: $(STAMP)
 
 bench-logprob: $(STAMP)
 	$(BIN)/python bench/logprob_step.py
+
+# Everything that needs a GPU, one table last (bench/gpu_suite.sh; BENCHMARKS.md). No $(STAMP): the GPU
+# machine has no network, the suite installs .whl/ itself. BENCH_GPU_ARGS=--cpu: the CPU-sized check.
+bench-gpu:
+	PYTHON=$(or $(wildcard $(BIN)/python),python3) bash bench/gpu_suite.sh $(BENCH_GPU_ARGS)
 
 proto: $(STAMP)
 	$(BIN)/python -m conspo_jax.sidecar.gen_proto

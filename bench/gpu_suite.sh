@@ -6,8 +6,11 @@
 #                PyTorch peer in the same run, at 8x2048, 16x2048, 4x8192, 16x8192 (1.5B architecture)
 #   (b) sampler  bench/sampler.py --preset gpu: the JAX sampler vs HF generate (skipped, with the
 #                reason printed, while that script does not exist)
-#   (c) profile  bench/profile_model.py: compile analyses, HLO facts and a trace of the 1.5B training
-#                step and one decode step, through conspo_jax.profiling
+#   (c) profile  `conspo profile` of experiments/r1_distill_qwen_1p5b.py:random (random weights, one
+#                group of 8 x 2048 tokens, the arith tokenizer and a generated prompt file, since the GPU
+#                machine has no checkpoint or data): compile analyses, HLO facts and traces of the RL
+#                update and the sampler's prefill and decode chunk, through conspo_jax.profiling
+#                (--cpu: the same command with the tiny-qwen2 architecture and short sequences)
 #
 #   bench/gpu_suite.sh [--cpu] [--out DIR]
 #
@@ -49,14 +52,15 @@ fi
 
 if [ "$cpu" = 1 ]; then
   logprob_args=(--arch cpu-small --shapes 2x128,2x256 --steps 1 --warmup 1)
-  sampler_args=(--preset cpu)
-  profile_args=(--cpu --steps 2)
+  sampler_args=(--preset cpu --batches 16 --new 32 --tail-batch 16)  # a check, not the BENCHMARKS run
+  profile_args=(--steps 2 --config.model.arch=tiny-qwen2 --config.rollout.n=4 --config.data.max_prompt_len=64
+    --config.rollout.max_new_tokens=64)
   : "${LOGPROB_S:=600}" "${SAMPLER_S:=300}" "${PROFILE_S:=300}"
 else
   logprob_args=(--arch r1-distill-qwen-1.5b --shapes 8x2048,4x8192,16x8192,16x2048 --steps 3 --warmup 1)
   sampler_args=(--preset gpu)
-  profile_args=(--steps 3 --shape 8x2048 --decode-shape 64x1024)
-  : "${LOGPROB_S:=290}" "${SAMPLER_S:=80}" "${PROFILE_S:=90}"
+  profile_args=(--steps 3 --config.rollout.n=8 --config.data.max_prompt_len=256 --config.rollout.max_new_tokens=1792)
+  : "${LOGPROB_S:=280}" "${SAMPLER_S:=80}" "${PROFILE_S:=120}"
 fi
 
 {
@@ -88,7 +92,14 @@ else
   echo "=== sampler: skipped, bench/sampler.py does not exist yet" | tee "$out/sampler.log"
   printf 'sampler\tskipped\t0\n' >> "$out/status.tsv"
 fi
-run_part profile "$PROFILE_S" "$PY" bench/profile_model.py "${profile_args[@]}" --out "$out/profile"
+# No checkpoint, tokenizer or data travel to the GPU machine: random weights of the config's architecture
+# (its 151,936-token vocabulary kept), the synthetic task's tokenizer for the prompts, a generated prompt
+# file, no benchmark evaluation. One prompt per step: the update is one micro-batch of n rows.
+for i in $(seq 1 16); do echo "{\"problem\": \"What is $i + $i?\", \"answer\": \"$((2 * i))\"}"; done \
+  > "$out/profile_prompts.jsonl"
+run_part profile "$PROFILE_S" "$PY" -m conspo_jax profile --config experiments/r1_distill_qwen_1p5b.py:random \
+  --workdir "$out/profile" --config.tokenizer=arith --config.data.train="$out/profile_prompts.jsonl" \
+  --config.eval.benchmarks= --config.eval.every=0 --config.rollout.prompts_per_step=1 "${profile_args[@]}"
 
 echo
 echo "logs, HLO, traces: $out"

@@ -1,4 +1,4 @@
-"""The ``conspo`` command line: ``conspo {train,eval,sidecar} --config path.py[:arg] [--config.a.b=v ...]``.
+"""The ``conspo`` command line: ``conspo {train,eval,sidecar,sweep,profile} --config path.py[:arg] [--config.a.b=v ...]``.
 
 Bad input (an unknown config key, a wrong type, a missing path, an unknown objective) ends with one line
 on stderr naming the key or value, exit code 2, and no traceback.
@@ -22,6 +22,8 @@ commands:
   sidecar  [--engine jax|sglang] [--port N]      serve rollouts over gRPC
   sweep    --sweep S.py[:arg] --workdir DIR [--workers N]
                                                  a study: a grid of train runs, tables and figures
+  profile  --workdir DIR [--steps N] [--what train|sample|both] [--peak_tflops F]
+                                                 XLA profile of train's programs: HLO, traces, summary
 """
 
 
@@ -93,11 +95,36 @@ def _run_sweep(fv):
     return run(fv)
 
 
+def _profile_flags(fv):
+    flags.DEFINE_string("workdir", None, "Where the HLO, traces and summary.json go.", flag_values=fv)
+    flags.DEFINE_integer("steps", 3, "Traced warm steps per program.", lower_bound=1, flag_values=fv)
+    flags.DEFINE_enum(
+        "what", "both", ["train", "sample", "both"], "The train step, the sampler's programs, or both.", flag_values=fv
+    )
+    flags.DEFINE_float(
+        "peak_tflops", None, "MFU peak in TFLOP/s (default: a bf16 matmul measured in the run).", flag_values=fv
+    )
+
+
+def _run_profile(fv):
+    from conspo_jax.train.profile import profile
+
+    if not fv.workdir:
+        raise UsageError("--workdir is required for profile")
+    summary = profile(fv.config, fv.workdir, steps=fv.steps, what=fv.what, peak_tflops=fv.peak_tflops)
+    print(
+        f"wrote {fv.workdir}: *.stablehlo.txt, *.hlo.txt, trace_*/ (TensorBoard, Perfetto, memory.prof), summary.json"
+    )
+    print(summary["table"], flush=True)
+    return 0
+
+
 COMMANDS = {
     "train": (_train_flags, _run_train),
     "eval": (_eval_flags, _run_eval),
     "sidecar": (_sidecar_flags, _run_sidecar),
     "sweep": (_sweep_flags, _run_sweep),
+    "profile": (_profile_flags, _run_profile),
 }
 
 

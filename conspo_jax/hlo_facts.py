@@ -122,8 +122,9 @@ def _callees(instr) -> list[tuple[str, int | None]]:
     return out
 
 
-def _multiplicities(comps, entry) -> tuple[dict[str, int], int]:
-    """How many times each computation runs per program execution (unknown trip counts count as 1)."""
+def _multiplicities(comps, entry, *, trip_counts: bool = True) -> tuple[dict[str, int], int]:
+    """How many times each computation runs per program execution (unknown trip counts count as 1;
+    with trip_counts=False every loop body counts once, as XLA's cost_analysis() does)."""
     mult = {c: 0 for c in comps}
     unknown = 0
     order: list[str] = []
@@ -146,7 +147,7 @@ def _multiplicities(comps, entry) -> tuple[dict[str, int], int]:
                 if callee in mult:
                     if times is None:
                         unknown += 1
-                    mult[callee] += mult[c] * (1 if times is None else times)
+                    mult[callee] += mult[c] * (1 if times is None or not trip_counts else times)
     return mult, unknown
 
 
@@ -169,6 +170,14 @@ def _fmt(shape) -> str:
     return f"{shape[0]}[{','.join(map(str, shape[1]))}]" if shape else "?"
 
 
+def _num_partitions(text: str) -> int:
+    """Devices one SPMD program runs on ('num_partitions=8' in the HloModule line, or the StableHLO
+    module's mhlo.num_partitions); 1 when absent."""
+    header = text.lstrip().split("\n", 1)[0]  # the HloModule / module line
+    m = re.search(r"\bnum_partitions\s*=\s*(\d+)", header)
+    return int(m.group(1)) if m else 1
+
+
 def _stablehlo_facts(text: str, vocab_size: int | None) -> dict[str, Any]:
     """The matmul facts of a StableHLO module (dtypes before XLA's optimisations; no trip counts)."""
     dots, targets = [], set()
@@ -179,10 +188,12 @@ def _stablehlo_facts(text: str, vocab_size: int | None) -> dict[str, Any]:
         targets.add(m.group(1) or m.group(2))
     return _dot_summary(dots, vocab_size) | dict(
         format="stablehlo",
+        num_partitions=_num_partitions(text),
         cudnn_attention=any(_is_cudnn_attention(t) for t in targets),
         custom_call_targets=sorted(targets),
         kv_cache_copies=0,
         dot_flops=None,
+        dot_flops_loops_once=None,
         fused_attention_flops=None,
         executed_flops=None,
         unknown_trip_counts=None,
@@ -217,6 +228,8 @@ def hlo_facts(
 ) -> dict[str, Any]:
     """Facts about an optimised HLO module (`compiled.as_text()`); StableHLO text is accepted too.
 
+    - num_partitions: devices the (SPMD-partitioned) program runs on. Every count below is of the
+      per-device program; multiply FLOPs by num_partitions for the whole mesh's.
     - cudnn_attention: a custom call whose target names cuDNN and fmha/attention is present.
     - num_dots, num_f32_dots, f32_dot_shapes: matmuls (dot ops and cuBLAS gemm custom calls) in the
       program text, and those with an f32 operand (they run at the fp32 rate). A dot inside a loop
@@ -227,6 +240,8 @@ def hlo_facts(
       loop trip counts applied: a decode-step program should have none).
     - dot_flops: 2 * M * N * K summed over every matmul, times how often its computation runs (known
       while-loop trip counts applied; unknown_trip_counts says how many loops had none and counted 1).
+      dot_flops_loops_once: the same with every loop body counted once (comparable to XLA's
+      cost_analysis() 'flops', which counts loops that way).
     - fused_attention_flops: an estimate for cuDNN attention calls, whose matmuls are no dots: forward
       2 matmuls (QK^T, PV) of 2 * |q| * S FLOPs, backward 5 (QK^T recomputed, dV, dP, dQ, dK), halved
       when the call's mask is causal; S is the key length (from bmm1's dimension numbers, else k's
@@ -238,8 +253,9 @@ def hlo_facts(
     if entry is None:
         raise ValueError("hlo_facts hlo_text has no ENTRY computation: pass compiled.as_text()")
     mult, unknown = _multiplicities(comps, entry)
+    once, _ = _multiplicities(comps, entry, trip_counts=False)
     cache = {tuple(int(d) for d in s) for s in kv_cache_shapes}
-    dots, targets, flops, copies, attn_flops = [], set(), 0, 0, 0.0
+    dots, targets, flops, flops_once, copies, attn_flops = [], set(), 0, 0, 0, 0.0
     for comp, instrs in comps.items():
         for instr in instrs:
             op, attrs = instr["opcode"], instr["attrs"]
@@ -259,12 +275,15 @@ def hlo_facts(
             if operands[0] and instr["shape"]:
                 k = math.prod(operands[0][1][i] for i in contracting if i < len(operands[0][1]))
                 flops += 2 * math.prod(instr["shape"][1]) * k * mult.get(comp, 0)
+                flops_once += 2 * math.prod(instr["shape"][1]) * k * once.get(comp, 0)
     return _dot_summary(dots, vocab_size) | dict(
         format="hlo",
+        num_partitions=_num_partitions(hlo_text),
         cudnn_attention=any(_is_cudnn_attention(t) for t in targets),
         custom_call_targets=sorted(targets),
         kv_cache_copies=copies,
         dot_flops=float(flops),
+        dot_flops_loops_once=float(flops_once),
         fused_attention_flops=attn_flops,
         executed_flops=float(flops) + attn_flops,
         unknown_trip_counts=unknown,

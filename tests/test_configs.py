@@ -45,6 +45,12 @@ def test_paper_defaults(path):
     short = "qwen3" in path or "llama32" in path
     assert c.rollout.max_new_tokens == (4096 if short else 8192)
     assert c.data.num_epochs == (2 if "qwen3" in path else 4)
+    assert c.model.remat == "names"  # the GPU default the CPU proof chose (BENCHMARKS.md)
+
+
+@pytest.mark.parametrize("path", [m for m in MODULES if "arith" in m], ids=os.path.basename)
+def test_cpu_configs_keep_no_remat(path):
+    assert load_config_module(path).model.remat == "none"
 
 
 def test_objective_argument_selects_baseline():

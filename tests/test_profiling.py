@@ -60,6 +60,7 @@ def test_hlo_facts_counts_loop_flops_and_f32_dots(tmp_path):
     facts = P.hlo_facts(open(report["hlo_path"]).read(), vocab_size=1000)
     # Forward x @ w, backward dx and dw: three [n,d]x[d,d] matmuls per layer, each run `layers` times.
     assert facts["dot_flops"] == 3 * layers * 2 * n * d * d
+    assert facts["dot_flops_loops_once"] == 3 * 2 * n * d * d  # each loop body once, as XLA counts
     assert facts["unknown_trip_counts"] == 0
     assert facts["num_f32_dots"] == facts["num_dots"] >= 3
     assert facts["num_f32_vocab_dots"] == 0 and not facts["cudnn_attention"]

@@ -56,7 +56,9 @@ class RolloutBatch:
 class Trainer:
     """One training run: builds everything from ``config`` and owns the state between stages."""
 
-    def __init__(self, config, workdir: str, *, allow_config_change: bool = False):
+    def __init__(self, config, workdir: str, *, allow_config_change: bool = False, warm_start: bool = True):
+        # warm_start=False skips the supervised warm start (conspo profile: same programs, any weights).
+        self.warm_start = warm_start
         build.validate(config)
         check_resume_config(config, workdir, allow_config_change=allow_config_change)
         build.enable_compilation_cache(config)
@@ -140,7 +142,7 @@ class Trainer:
             log.info(f"resumed from step {resume} ({self.ckpt.directory})")
             return int(meta["step"]), ref
         c = self.config
-        if c.sft.steps and self.task.sft_target is not None:
+        if self.warm_start and c.sft.steps and self.task.sft_target is not None:
             params = cached_warm_start(
                 self.graphdef, self.state.params, self.rest, self.task, self.tokenizer, config=c, mesh=self.mesh
             )
