@@ -46,6 +46,7 @@ def pooled_credit(run_dirs: list[str], method: str) -> dict[str, np.ndarray]:
 
 
 def _binned(x, y, bins=12):
+    bins = max(1, min(bins, x.size // 20))  # about 20 rollouts a bin at least: a mean, not noise
     edges = np.quantile(x, np.linspace(0, 1, bins + 1))
     idx = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, bins - 1)
     keep = [b for b in range(bins) if (idx == b).any()]

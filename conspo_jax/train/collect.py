@@ -29,12 +29,14 @@ from conspo_jax.rollout import Rollouts
 
 @dataclasses.dataclass
 class Round:
-    """One generation round: its prompts' records, token ids, rollouts and raw verifier rewards."""
+    """One generation round: its prompts' records, token ids, rollouts, raw verifier rewards and the
+    seconds its engine call took."""
 
     records: list[dict]
     prompts: list[list[int]]
     rollouts: Rollouts
     rewards_R: np.ndarray
+    generate_s: float = 0.0
 
 
 def round_seed(rng_key_data, step: int, round_index: int) -> int:

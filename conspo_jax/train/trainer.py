@@ -255,7 +255,9 @@ class Trainer:
         if self.dynamic_sampling or self.overlong_buffer:
             real = np.ones_like(rewards) if mask is None else mask
             stats["reward/trained_mean"] = float(np.sum(rewards * real) / max(np.sum(real), 1.0))
-        return RolloutBatch(records, prompts, rollouts, rewards, time.time() - t0, mask, stats, step)
+        stats["time/collect_s"] = time.time() - t0  # all rounds, verification and shaping included
+        generate_s = sum(rd.generate_s for rd in rounds)  # the engine calls alone, as before dynamic sampling
+        return RolloutBatch(records, prompts, rollouts, rewards, generate_s, mask, stats, step)
 
     def _generate_round(self, step: int, index: int) -> Round:
         """Generation round ``index`` of ``step``: the next data batch(es), sampled and verified."""
@@ -273,13 +275,15 @@ class Trainer:
         )
         answers = [rec["answer"] for rec in records]
         ids = [str(rec.get("id", i)) for i, rec in enumerate(records)]
+        t0 = time.time()
         rollouts = self.engine.generate(prompts, sampling, answers=answers, prompt_ids=ids)
+        generate_s = time.time() - t0
         rewards = rollouts.rewards_R
         if rewards is None:
             texts = self.tokenizer.batch_decode(rollouts.completions(), skip_special_tokens=True)
             rewards = self.task.reward(texts, [answers[g] for g in rollouts.group_ids_R])
         check_rewards(rewards)  # a non-finite reward is an error naming the rollout, for every objective
-        return Round(records, prompts, rollouts, np.asarray(rewards, np.float32))
+        return Round(records, prompts, rollouts, np.asarray(rewards, np.float32), generate_s)
 
     def make_batches(self, rb: RolloutBatch) -> list[RLBatch]:
         """One ``RLBatch`` of stacked micro-batches per optimizer update, old-policy log-probs included."""
