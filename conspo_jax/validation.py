@@ -190,6 +190,11 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "rollout.decode_chunk": integer(1),
     "rollout.async_steps": choice((0, 1)),
     "rollout.tis_cap": NONNEGATIVE,
+    "rollout.dynamic_sampling": choice(("auto", "on", "off")),
+    "rollout.max_sampling_rounds": integer(1),
+    "rollout.oversample": integer(1),
+    "rollout.overlong_buffer": integer(0, also=(-1,)),  # -1: auto
+    "rollout.overlong_penalty": NONNEGATIVE,
     "rollout.sidecar.workers": integer(0),
     "rollout.sidecar.chunk_prompts": integer(0),
     "rollout.sidecar.max_message_mb": integer(1),
@@ -216,6 +221,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "train.max_nonfinite": integer(0),
     "train.progress_bar": boolean,
     "train.export_hf": boolean,
+    "train.diagnostics_every": integer(0),
     "sft.steps": integer(0),
     "sft.lr": NONNEGATIVE,
     "sft.batch_size": integer(1),
@@ -286,6 +292,11 @@ def _check_relations(config) -> None:
         raise UsageError(
             f"train.micro_batch_groups={micro} must divide the {groups // mini} groups of a mini-batch "
             f"(rollout.prompts_per_step={groups} / train.mini_batches={mini})"
+        )
+    buffer, max_new = _get(config, "rollout.overlong_buffer"), _get(config, "rollout.max_new_tokens")
+    if _MISSING not in (buffer, max_new) and buffer > max_new:
+        raise UsageError(
+            f"rollout.overlong_buffer={buffer} must be at most rollout.max_new_tokens={max_new} (-1: auto, 0: off)"
         )
     ops = _get(config, "data.ops")
     if ops is not _MISSING and (not isinstance(ops, str) or not ops or set(ops) - set("+-*")):

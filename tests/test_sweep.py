@@ -154,6 +154,7 @@ def test_report_tables_from_fixed_runs(tmp_path):
     csv_rows = (tmp_path / "table.csv").read_text().splitlines()
     assert csv_rows[0].startswith("table,method,seeds,final_mean,final_ci95") and len(csv_rows) == 1 + 3 + 2
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert not (tmp_path / "figure1.png").exists()  # no run wrote credit dumps
 
 
 def test_report_parameter_study(tmp_path):
@@ -234,4 +235,39 @@ def test_quick_sweep_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
     assert t1["conspo"]["final"]["ci95"] == pytest.approx(T975[1] * np.std(finals, ddof=1) / math.sqrt(2), rel=1e-3)
     for name in ("table.md", "table.csv", "results.json", "curves.png", "sweep.json"):
         assert (work / name).stat().st_size > 0, name
+    # Figure 1 (left) from the GRPO and ConSPO runs' credit dumps (train.diagnostics_every=2 in :quick).
+    for d in runs.values():
+        assert sorted(os.listdir(d / "diagnostics")) == ["step_2.npz", "step_4.npz"]
+    assert (work / "figure1.png").stat().st_size > 10_000 and "![Figure 1](figure1.png)" in (
+        work / "table.md"
+    ).read_text()
     assert "**Table 1 in miniature**" in (work / "table.md").read_text()
+
+
+def test_figure1_pools_each_methods_own_credit_from_the_dumps(tmp_path):
+    from conspo_jax.sweep.credit import plot_credit_figure, pooled_credit
+
+    def dump(run, step, valid, gap, grpo, conspo, pos):
+        d = tmp_path / run / "diagnostics"
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            d / f"step_{step}.npz",
+            valid_R=np.array(valid),
+            gap_R=np.array(gap, np.float32),
+            credit_grpo_R=np.array(grpo, np.float32),
+            credit_conspo_R=np.array(conspo, np.float32),
+            is_pos_R=np.array(pos),
+        )
+
+    dump("g", 10, [True, True, False], [0.5, -0.5, np.nan], [0.25, -0.25, 0], [0.1, -0.1, 0], [True, False, False])
+    dump("g", 2, [True, False, True], [0.2, np.nan, -0.2], [0.2, 0, -0.2], [0.3, 0, -0.3], [True, False, False])
+    p = pooled_credit([str(tmp_path / "g")], "grpo")
+    # Step order (2 before 10), only valid rollouts, the GRPO column.
+    np.testing.assert_allclose(p["gap"], [0.2, -0.2, 0.5, -0.5])
+    np.testing.assert_allclose(p["credit"], [0.2, -0.2, 0.25, -0.25])
+    assert p["is_pos"].tolist() == [True, False, True, False]
+    np.testing.assert_allclose(pooled_credit([str(tmp_path / "g")], "conspo")["credit"], [0.3, -0.3, 0.1, -0.1])
+    assert not plot_credit_figure({"grpo": [str(tmp_path / "none")]}, str(tmp_path / "f.png"))
+    assert not (tmp_path / "f.png").exists()
+    assert plot_credit_figure({"grpo": [str(tmp_path / "g")], "conspo": [str(tmp_path / "g")]}, str(tmp_path / "f.png"))
+    assert (tmp_path / "f.png").stat().st_size > 10_000

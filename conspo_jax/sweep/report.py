@@ -4,7 +4,8 @@ Per run: ``final`` = results.json's eval/accuracy_after, ``best`` = the best eva
 metrics.jsonl after step 0 (the paper reports each method's best evaluation), ``before`` =
 eval/accuracy_before (the warm start alone: the "Base" row). Each cell is mean +- 95% CI over seeds
 (Student t, see stats.py); "vs ConSPO" is the mean and CI of the per-seed paired difference.
-Writes table.md, table.csv, results.json, curves.png and (when the sweep has a parameter study) params.png.
+Writes table.md, table.csv, results.json, curves.png, (when the sweep has a parameter study) params.png and
+(when its GRPO / ConSPO runs wrote credit dumps, ``train.diagnostics_every``) figure1.png (credit.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from conspo_jax.sweep.credit import plot_credit_figure
 from conspo_jax.sweep.grid import Point
 from conspo_jax.sweep.runner import run_state
 from conspo_jax.sweep.stats import MeanCI, mean_ci, paired_difference
@@ -235,6 +237,14 @@ def write_report(points: list[Point], workdir: str) -> dict:
     if runs:
         plot_curves(runs, [m for m in order], os.path.join(workdir, "curves.png"))
         md += ["![curves](curves.png)", ""]
+    finished = {r["name"] for r in runs}
+    credit_runs = {
+        m: [os.path.join(workdir, "runs", p.name) for p in points if p.method == m and p.name in finished]
+        for m in ("grpo", "conspo")
+    }
+    if plot_credit_figure(credit_runs, os.path.join(workdir, "figure1.png")):
+        md += ["**Figure 1 (left) in miniature**: per-rollout credit vs score gap, from training batches", ""]
+        md += ["![Figure 1](figure1.png)", ""]
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write("\n".join(md))
     with open(os.path.join(workdir, "table.csv"), "w", newline="") as f:

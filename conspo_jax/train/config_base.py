@@ -96,6 +96,16 @@ def base_config() -> ml_collections.ConfigDict:
             # > 0: truncated importance sampling, min(pi_trainer / pi_engine, cap) per token, for rollouts
             # that are stale (async_steps) or come from another engine (sidecar, SGLang)
             tis_cap=0.0,
+            # DAPO's dynamic sampling (conspo_jax/train/collect.py): 'auto' = on for objective dapo only,
+            # 'on' / 'off' for any objective. Rounds of fresh prompts until prompts_per_step groups with
+            # varied rewards are found; at the cap the batch is padded with masked groups.
+            dynamic_sampling="auto",
+            max_sampling_rounds=10,  # generation rounds per step at most, the first included (DAPO: 10)
+            oversample=1,  # data batches of prompts_per_step prompts per round (DAPO's recipe: 3)
+            # DAPO's overlong reward shaping (Eq. 13): L_cache in tokens, L_max = max_new_tokens.
+            # -1 = auto (max_new_tokens // 5 for dapo, DAPO's 4096 of 20480; 0 otherwise); 0 = off.
+            overlong_buffer=-1,
+            overlong_penalty=1.0,  # the penalty at L_max (verl's overlong_buffer.penalty_factor)
             sidecar=ml_collections.ConfigDict(
                 dict(
                     address="127.0.0.1:50051",
@@ -131,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
             max_nonfinite=20,
             progress_bar=True,
             export_hf=True,  # write the final policy + tokenizer to <workdir>/hf
+            # every K RL steps write <workdir>/diagnostics/step_<s>.npz: per-rollout credit vs score gap
+            # (Figure 1, left; conspo_jax/train/diagnostics.py); 0 = never
+            diagnostics_every=0,
         )
     )
     c.sft = ml_collections.ConfigDict(

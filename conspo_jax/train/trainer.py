@@ -26,11 +26,13 @@ from conspo_jax.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
 from conspo_jax.evals.runner import evaluate
 from conspo_jax.models import save_hf_policy
-from conspo_jax.objectives import check_rewards, get_objective
+from conspo_jax.objectives import check_rewards, get_objective, resolve_dapo_rollout
 from conspo_jax.rollout import Rollouts, SamplingParams
 from conspo_jax.train import inflight
 from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
 from conspo_jax.train.checkpoint import Checkpointer
+from conspo_jax.train.collect import Round, dynamic_batch, gather_groups, round_seed, shape_rewards
+from conspo_jax.train.diagnostics import write_credit_dump
 from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
 from conspo_jax.train.sft import cached_warm_start
 from conspo_jax.train.step import init_train_state, make_logprob_fn, make_optimizer, make_train_step
@@ -43,13 +45,21 @@ _EVAL_SEED_OFFSET = 10_000  # held-out sampling seed = config.seed + this (kept 
 
 @dataclasses.dataclass
 class RolloutBatch:
-    """What ``collect`` returns: a step's prompts and their verified rollouts."""
+    """What ``collect`` returns: a step's prompts and their verified rollouts.
+
+    rewards_R:      the rewards the objective trains on (overlong shaping applied when it is on).
+    rollout_mask_R: 0 on padding groups (dynamic sampling that hit its round cap), or None: all real.
+    stats:          the collect stage's metrics (rollout/sampling_rounds, rollout/dropped_frac, ...).
+    step:           the RL step (0-based) the batch was collected for.
+    """
 
     records: list[dict]
     prompts: list[list[int]]
     rollouts: Rollouts
     rewards_R: np.ndarray
     generate_s: float
+    rollout_mask_R: np.ndarray | None = None
+    stats: dict = dataclasses.field(default_factory=dict)
     step: int = -1  # the RL step these rollouts are for
 
 
@@ -78,6 +88,16 @@ class Trainer:
         self.objective_kwargs = dict(config.objective[name]) if name in config.objective else {}
         self.objective_fn = get_objective(name)
         self.total_steps, num_epochs = self._schedule()
+        # DAPO's dynamic sampling and overlong shaping (conspo_jax/train/collect.py); 'auto' = on for dapo only.
+        self.dynamic_sampling, self.overlong_buffer = resolve_dapo_rollout(
+            name,
+            dynamic_sampling=r.dynamic_sampling,
+            overlong_buffer=r.overlong_buffer,
+            max_new_tokens=r.max_new_tokens,
+        )
+        self.batches_per_round = r.oversample if self.dynamic_sampling else 1
+        if self.dynamic_sampling:  # the worst case: every step runs every round; the stream never runs dry
+            num_epochs *= r.max_sampling_rounds * self.batches_per_round
         self.optimizer = make_optimizer(**config.optim)
         self.state = init_train_state(params, self.optimizer, jax.random.key(config.seed), self.mesh)
         self.data_iter = make_prompt_dataset(
@@ -112,6 +132,7 @@ class Trainer:
         self.needs_old_logp = self.objective_fn.uses_old_logp and config.train.mini_batches > 1
         self.old_logp_fn = make_logprob_fn(self.graphdef, self.width) if self.needs_old_logp else None
         self.step_fn = self._build_step_fn()
+        self._diag_logp_fn = None  # built on the first train.diagnostics_every step
         self.results = self._load_results()
         self._nonfinite_run = 0
         # Written last: a run whose config fails to build leaves an existing run directory untouched.
@@ -209,13 +230,54 @@ class Trainer:
     def collect(self, step: int) -> RolloutBatch:
         """Generates the step's rollouts and verifies them (unless the engine already did).
 
+        With dynamic sampling, generates rounds of fresh prompts until ``prompts_per_step`` groups with
+        varied rewards are found or ``rollout.max_sampling_rounds`` is reached; overlong shaping then adds
+        DAPO's length penalty to the rewards (conspo_jax/train/collect.py).
+
         With ``rollout.async_steps=1`` it runs on the producer thread, so it reads no device train state.
         """
         r = self.config.rollout
         t0 = time.time()
-        records = next(self.data_iter)  # a list of {id, problem, answer} records
+        rounds = [self._generate_round(step, 0)]
+        stats, mask = {}, None
+        if self.dynamic_sampling:
+            while True:
+                picks, mask, stats = dynamic_batch(rounds, target_groups=r.prompts_per_step, n=r.n)
+                if not stats["rollout/padded_groups"] or len(rounds) >= r.max_sampling_rounds:
+                    break
+                rounds.append(self._generate_round(step, len(rounds)))
+            records, prompts, rollouts, raw = gather_groups(rounds, picks, r.n)
+        else:
+            records, prompts, rollouts, raw = (
+                rounds[0].records,
+                rounds[0].prompts,
+                rounds[0].rollouts,
+                rounds[0].rewards_R,
+            )
+        rewards, shaping = shape_rewards(
+            raw,
+            rollouts.completion_lens_R,
+            max_len=r.max_new_tokens,
+            buffer=self.overlong_buffer,
+            penalty=r.overlong_penalty,
+            rollout_mask_R=mask,
+        )
+        stats.update(shaping)
+        # reward/mean: the policy's accuracy on the step's first draw of prompts, comparable across objectives
+        # (the trained batch is biased towards mixed groups when dynamic sampling is on).
+        stats["reward/mean"] = float(np.mean(rounds[0].rewards_R))
+        if self.dynamic_sampling or self.overlong_buffer:
+            real = np.ones_like(rewards) if mask is None else mask
+            stats["reward/trained_mean"] = float(np.sum(rewards * real) / max(np.sum(real), 1.0))
+        stats["time/collect_s"] = time.time() - t0  # all rounds, verification and shaping included
+        generate_s = sum(rd.generate_s for rd in rounds)  # the engine calls alone, as before dynamic sampling
+        return RolloutBatch(records, prompts, rollouts, rewards, generate_s, mask, stats, step)
+
+    def _generate_round(self, step: int, index: int) -> Round:
+        """Generation round ``index`` of ``step``: the next data batch(es), sampled and verified."""
+        r = self.config.rollout
+        records = [rec for _ in range(self.batches_per_round) for rec in next(self.data_iter)]  # {id, problem, answer}
         prompts = [self.task.encode(rec) for rec in records]
-        key = jax.random.fold_in(jax.random.wrap_key_data(self.rng_host), step)
         sampling = SamplingParams(
             n=r.n,
             temperature=r.temperature,
@@ -223,10 +285,11 @@ class Trainer:
             top_k=r.top_k,
             max_new_tokens=r.max_new_tokens,
             stop_token_ids=self.stop_ids,
-            seed=int(jax.random.randint(key, (), 0, 2**31 - 1)),
+            seed=round_seed(self.rng_host, step, index),
         )
         answers = [rec["answer"] for rec in records]
         ids = [str(rec.get("id", i)) for i, rec in enumerate(records)]
+        t0 = time.time()
         rollouts = self.engine.generate(prompts, sampling, answers=answers, prompt_ids=ids)
         generate_s = time.time() - t0
         rewards = rollouts.rewards_R
@@ -234,7 +297,7 @@ class Trainer:
             texts = self.tokenizer.batch_decode(rollouts.completions(), skip_special_tokens=True)
             rewards = self.task.reward(texts, [answers[g] for g in rollouts.group_ids_R])
         check_rewards(rewards)  # a non-finite reward is an error naming the rollout, for every objective
-        return RolloutBatch(records, prompts, rollouts, np.asarray(rewards, np.float32), generate_s, step)
+        return Round(records, prompts, rollouts, np.asarray(rewards, np.float32), generate_s)
 
     def make_batches(self, rb: RolloutBatch) -> list[RLBatch]:
         """One ``RLBatch`` of stacked micro-batches per optimizer update, old-policy log-probs included."""
@@ -248,10 +311,30 @@ class Trainer:
             pad_id=self.tokenizer.pad_token_id,
             group_size=r.n,
         )
+        if rb.rollout_mask_R is not None:
+            batch = batch.replace(rollout_mask=np.asarray(rb.rollout_mask_R, np.float32))
+        if t.diagnostics_every and rb.step >= 0 and (rb.step + 1) % t.diagnostics_every == 0:
+            self._write_diagnostics(rb.step, batch)
         minis = split_micro_batches(batch, mini_batches=t.mini_batches, micro_batch_groups=t.micro_batch_groups)
         if self.old_logp_fn is None:
             return minis
         return [mb.replace(old_logp=self._old_logp(mb)) for mb in minis]
+
+    def _write_diagnostics(self, step: int, batch: RLBatch) -> None:
+        """Figure 1 (left) from this batch: per-rollout credit vs score gap (conspo_jax/train/diagnostics.py)."""
+        if self._diag_logp_fn is None:
+            self._diag_logp_fn = make_logprob_fn(self.graphdef, self.width)
+        logp_RxC = np.asarray(self._diag_logp_fn(self.state.params, self.rest, batch.input_ids, batch.attention_mask))
+        c = self.config
+        write_credit_dump(
+            os.path.join(self.workdir, "diagnostics", f"step_{step + 1}.npz"),
+            batch,
+            logp_RxC,
+            objective=c.objective.name,
+            conspo_hparams=dict(c.objective.conspo),
+            progress=step / max(self.total_steps, 1),
+            step=step + 1,
+        )
 
     def _old_logp(self, mb: RLBatch) -> np.ndarray:
         m, rows, width = mb.input_ids.shape
@@ -437,6 +520,7 @@ def rollout_metrics(rb: RolloutBatch, row: dict, t0: float) -> dict:
         "time/generate_s": rb.generate_s,
         "rollout/staleness": float(rb.step - rb.rollouts.weight_version),
         "time/step_s": time.time() - t0,
+        **rb.stats,  # reward/mean of the first draw, dynamic sampling's rounds and dropped fraction, ...
     }
 
 

@@ -1,6 +1,15 @@
 """Argument parsing shared by the sweep modules: ``quick``, ``seeds=N``, ``steps=N``, comma-separated."""
 
 QUICK_OVERRIDES = {"train.num_steps": 4, "train.ckpt_every": 2, "eval.every": 2}
+# Figure 1 (left): the GRPO and ConSPO runs dump per-rollout credit every this many steps (6 dumps of 300 steps).
+CREDIT_EVERY = {"quick": 2, "full": 50}
+
+
+def credit_overrides(method, opts):
+    """train.diagnostics_every for the methods Figure 1 compares; nothing for the others."""
+    if method not in ("grpo", "conspo"):
+        return {}
+    return {"train.diagnostics_every": CREDIT_EVERY["quick" if opts["quick"] else "full"]}
 
 
 def parse_arg(arg, *, default_seeds):

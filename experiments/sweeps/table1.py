@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import base_overrides, parse_arg  # noqa: E402
+from _common import base_overrides, credit_overrides, parse_arg  # noqa: E402
 
 from conspo_jax.sweep import Point  # noqa: E402
 
@@ -25,7 +25,9 @@ def get_sweep(arg=None):
     methods = ("conspo", "grpo") if opts["quick"] else METHODS
     common = base_overrides(opts)
     return [
-        Point(name=f"{m}_s{s}", method=m, seed=s, overrides={**common, "objective.name": m})
+        Point(
+            name=f"{m}_s{s}", method=m, seed=s, overrides={**common, **credit_overrides(m, opts), "objective.name": m}
+        )
         for s in range(opts["seeds"])
         for m in methods
     ]

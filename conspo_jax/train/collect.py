@@ -1,0 +1,113 @@
+"""Host-side pieces of the trainer's collect stage: DAPO's dynamic sampling over generation rounds and its
+overlong reward shaping, usable with any objective (``rollout.dynamic_sampling``, ``rollout.overlong_buffer``).
+
+Dynamic sampling (DAPO, arXiv 2503.14476, Sec. 3.2; verl's ``algorithm.filter_groups``): a step generates
+rounds of prompts drawn from the data iterator (``rollout.oversample`` batches of ``prompts_per_step``
+prompts per round; verl's ``gen_batch_size / train_batch_size``), keeps the groups whose *verifier*
+rewards are not all equal (verl's ``metric: acc``: the raw accuracy, before overlong shaping), and stops
+once ``prompts_per_step`` groups are kept or after ``rollout.max_sampling_rounds`` rounds. Kept groups past
+the target are discarded, as verl does. Where verl raises an error at its round cap, this trainer pads
+the batch with dropped (all-equal) groups whose ``rollout_mask`` is 0: every objective ignores masked
+rows, shapes stay fixed, and a study run does not die on one hard step (``rollout/padded_groups`` counts
+them).
+
+Seeds: round 0 samples with the seed a step always had (so a run without dynamic sampling is unchanged);
+round k > 0 folds k into the step's key, so every round of every step has its own fixed seed and a resumed
+run regenerates exactly the same rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from conspo_jax.objectives import fill_batch_with_varied_groups, shape_overlong_rewards
+from conspo_jax.rollout import Rollouts
+
+
+@dataclasses.dataclass
+class Round:
+    """One generation round: its prompts' records, token ids, rollouts, raw verifier rewards and the
+    seconds its engine call took."""
+
+    records: list[dict]
+    prompts: list[list[int]]
+    rollouts: Rollouts
+    rewards_R: np.ndarray
+    generate_s: float = 0.0
+
+
+def round_seed(rng_key_data, step: int, round_index: int) -> int:
+    """The sampling seed of generation round ``round_index`` of RL step ``step`` (see the module doc)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng_key_data), step)
+    if round_index:
+        key = jax.random.fold_in(key, round_index)
+    return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+def gather_groups(rounds: list[Round], picks: list[tuple[int, int]], n: int):
+    """(records, prompts, Rollouts, rewards_R) of the ``picks`` = (round, group) pairs, in that order.
+
+    Groups are renumbered 0..len(picks)-1; completions are right-padded to the widest round.
+    """
+    width = max(rd.rollouts.completion_ids_RxC.shape[1] for rd in rounds)
+    pad_id = rounds[0].rollouts.pad_id
+    rows_by_pick = [(rounds[r], np.arange(g * n, (g + 1) * n)) for r, g in picks]
+    ids = np.full((len(picks) * n, width), pad_id, np.int32)
+    logp = np.zeros((len(picks) * n, width), np.float32)
+    for i, (rd, rows) in enumerate(rows_by_pick):
+        w = rd.rollouts.completion_ids_RxC.shape[1]
+        ids[i * n : (i + 1) * n, :w] = rd.rollouts.completion_ids_RxC[rows]
+        logp[i * n : (i + 1) * n, :w] = rd.rollouts.logprobs_RxC[rows]
+    lens = np.concatenate([rd.rollouts.completion_lens_R[rows] for rd, rows in rows_by_pick]).astype(np.int32)
+    reasons = [rd.rollouts.finish_reasons[k] for rd, rows in rows_by_pick for k in rows]
+    rewards = np.concatenate([rd.rewards_R[rows] for rd, rows in rows_by_pick]).astype(np.float32)
+    rollouts = Rollouts(
+        ids,
+        lens,
+        logp,
+        reasons,
+        np.repeat(np.arange(len(picks), dtype=np.int32), n),
+        weight_version=rounds[0].rollouts.weight_version,
+        pad_id=pad_id,
+        rewards_R=rewards,
+    )
+    records = [rounds[r].records[g] for r, g in picks]
+    prompts = [rounds[r].prompts[g] for r, g in picks]
+    return records, prompts, rollouts, rewards
+
+
+def dynamic_batch(rounds: list[Round], *, target_groups: int, n: int):
+    """The step's batch from the rounds generated so far: (picks, rollout_mask_R, stats).
+
+    picks: ``target_groups`` (round, group) pairs, the varied groups first, then (only when the round
+    cap left the batch short) padding groups taken from the dropped ones in generation order, masked 0.
+    """
+    fill = fill_batch_with_varied_groups([rd.rewards_R.reshape(-1, n) for rd in rounds], target_groups)
+    picks = list(fill.selected)
+    short = target_groups - len(picks)
+    if short:
+        chosen = set(picks)
+        spare = [(r, g) for r in range(fill.rounds) for g in range(len(rounds[r].prompts)) if (r, g) not in chosen]
+        picks += spare[:short]
+    mask = np.repeat((np.arange(target_groups) < len(fill.selected)).astype(np.float32), n)
+    stats = {
+        "rollout/sampling_rounds": float(fill.rounds),
+        "rollout/dropped_frac": float(fill.dropped_frac),
+        "rollout/padded_groups": float(short),
+    }
+    return picks, mask, stats
+
+
+def shape_rewards(rewards_R, lengths_R, *, max_len: int, buffer: int, penalty: float, rollout_mask_R=None):
+    """(shaped rewards, stats): DAPO's overlong punishment (Eq. 13) added when ``buffer`` > 0; the stat
+    ``rollout/overlong_penalty_mean`` averages the added term over real (unmasked) rows."""
+    rewards = np.asarray(rewards_R, np.float32)
+    if not buffer:
+        return rewards, {}
+    shaped = shape_overlong_rewards(rewards, lengths_R, max_len=max_len, buffer=buffer, penalty=penalty)
+    real = np.ones_like(rewards) if rollout_mask_R is None else np.asarray(rollout_mask_R, np.float32)
+    mean = float(np.sum((shaped - rewards) * real) / max(float(np.sum(real)), 1.0))
+    return shaped, {"rollout/overlong_penalty_mean": mean}
