@@ -147,3 +147,68 @@ def test_two_process_kill_and_resume_equals_uninterrupted(one_process, sft_cache
     assert not os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
     _run(workdir, 2, sft_cache)  # the same command again resumes from the step-2 checkpoint
     _assert_same(one_process, workdir)
+
+
+# Each process decodes its own prompts (different counts and lengths) on its block of one global decode with
+# refills and compaction, greedily, so that the tokens cannot depend on the row layout: they must equal a
+# static single-device decode of the same prompts inside the same process.
+SAMPLER_WORKER = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), initialization_timeout=120)
+from conspo_jax.models import get_model_config, init_policy, make_mesh
+from conspo_jax.rollout import SamplingParams
+from conspo_jax.rollout.jax_engine import JaxEngine
+
+rank = jax.process_index()
+prompts = [[[5, 9, 11], [17, 3, 3, 40, 41, 42, 43, 44, 45], [100]], [[7, 8], [60] * 12]][rank]
+
+def policy(mesh):
+    pol = init_policy(get_model_config("tiny-qwen2"), seed=1, dtype=jnp.float32, mesh=mesh)
+    pol.embed[...] = pol.embed[...].at[2].multiply(60.0)  # rows stop at scattered steps: refills mid-batch
+    return pol
+
+def engine(mesh, rows):
+    eng = JaxEngine(policy(mesh), eos_token_ids=[2], pad_id=0, prompt_bucket=8, cache_dtype=jnp.float32, mesh=mesh)
+    eng.decode_rows, eng.decode_chunk, eng.decode_min_rows = rows, 4, 2
+    eng.decode_compiler_options = {"xla_backend_optimization_level": 0}
+    return eng
+
+params = SamplingParams(n=3, max_new_tokens=12, temperature=0.0, seed=0)
+got = engine(make_mesh((4, 1, 1)), 4).generate(prompts, params)
+with jax.default_device(jax.local_devices()[0]):
+    want = engine(None, None).generate(prompts, params)
+np.testing.assert_array_equal(got.completion_ids_RxC, want.completion_ids_RxC)
+np.testing.assert_allclose(got.logprobs_RxC, want.logprobs_RxC, atol=1e-5)
+assert got.finish_reasons == want.finish_reasons
+
+# Sampled: rows stop at scattered steps (refills mid-batch); every row carries its teacher-forced log-probs.
+from conspo_jax.models import token_logprobs
+out = engine(make_mesh((4, 1, 1)), 4).generate(prompts, SamplingParams(n=3, max_new_tokens=12, seed=4 + rank))
+assert out.num_rows == 3 * len(prompts)
+assert rank == 1 or len(set(out.completion_lens_R.tolist())) > 1, out.completion_lens_R  # a real mix
+local = policy(None)
+for r, toks in enumerate(out.completions()):
+    assert (out.finish_reasons[r] == "stop") == (toks[-1] == 2)
+    p = prompts[out.group_ids_R[r]]
+    ids, mask = np.zeros((1, 24), np.int32), np.zeros((1, 24), np.int32)
+    ids[0, : len(p) + len(toks)], mask[0, : len(p) + len(toks)] = p + toks, 1
+    with jax.default_device(jax.local_devices()[0]):
+        ref = np.asarray(token_logprobs(local, jnp.asarray(ids), jnp.asarray(mask)))[0, len(p) - 1 :]
+    np.testing.assert_allclose(out.logprobs_RxC[r, : len(toks)], ref[: len(toks)], atol=2e-5)
+print("sampler ok", rank, out.completion_lens_R.tolist())
+"""
+
+
+def test_two_process_sampler_with_refill_and_compaction_equals_static_decode():
+    port = _port()
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SAMPLER_WORKER, f"127.0.0.1:{port}", str(i)],
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    _wait(jobs)
