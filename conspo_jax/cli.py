@@ -16,8 +16,8 @@ from conspo_jax.configs import UsageError, parse_command_line, stderr_line
 USAGE = """usage: conspo COMMAND --config path/to/experiment.py[:arg] [--config.key=value ...] [options]
 
 commands:
-  train    --workdir DIR                         train (resumes from DIR's last checkpoint)
-  eval     (--checkpoint DIR | --hf PATH) [--benchmarks a,b] [--workdir DIR]
+  train    --workdir DIR [--distributed]         train (resumes from DIR's last checkpoint)
+  eval     (--checkpoint DIR | --hf PATH) [--benchmarks a,b] [--workdir DIR] [--distributed]
                                                  evaluate on math benchmarks (paper protocol)
   sidecar  [--engine jax|sglang] [--port N]      serve rollouts over gRPC
   sweep    --sweep S.py[:arg] --workdir DIR [--workers N]
@@ -25,6 +25,16 @@ commands:
   profile  --workdir DIR [--steps N] [--what train|sample|both] [--peak_tflops F]
                                                  XLA profile of train's programs: HLO, traces, summary
 """
+
+
+def _distributed_flag(fv):
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "Start jax.distributed (one process per host); the coordinator and process ids come from "
+        "--config.distributed.*, JAX_COORDINATOR_ADDRESS-style variables or the cluster (SLURM, Cloud TPU).",
+        flag_values=fv,
+    )
 
 
 def _train_flags(fv):
@@ -52,6 +62,27 @@ def _sidecar_flags(fv):
 
 # Each command imports its own stack inside its runner: `conspo --help` and a bad flag answer without
 # loading JAX, and the sidecar never imports the trainer.
+
+
+# Commands that run on every host of a multi-process job: main() gives them --distributed and starts
+# jax.distributed (conspo_jax/distributed.py) after parsing and before the command touches a device.
+MULTI_PROCESS_COMMANDS = ("train", "eval", "profile")
+
+
+def _with_distributed_flag(define):
+    def both(fv):
+        define(fv)
+        _distributed_flag(fv)
+
+    return both
+
+
+def start_processes(fv) -> None:
+    """Multi-process start-up from --distributed / distributed.* / JAX_COORDINATOR_ADDRESS (a no-op
+    for one process); main() calls it for every command in MULTI_PROCESS_COMMANDS."""
+    from conspo_jax import distributed
+
+    distributed.initialize(fv.config, enabled=fv.distributed)
 
 
 def _run_train(fv):
@@ -138,9 +169,12 @@ def main(argv=None) -> int:
         stderr_line(f"conspo: unknown command {command!r} (expected one of {', '.join(COMMANDS)})")
         return 2
     define, run = COMMANDS[command]
+    multi = command in MULTI_PROCESS_COMMANDS
     logs.console()
     try:
-        fv = parse_command_line([f"conspo {command}", *argv[2:]], define)
+        fv = parse_command_line([f"conspo {command}", *argv[2:]], _with_distributed_flag(define) if multi else define)
+        if multi:
+            start_processes(fv)
         return run(fv)
     except UsageError as e:
         stderr_line(f"conspo {command}: error: {e}")

@@ -237,6 +237,12 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "eval.benchmarks": string,
     "eval.limit": integer(0),
     "eval.num_problems": integer(0),
+    # multi-process start-up (conspo_jax/distributed.py): 0 / -1 / '' leave the value to the environment
+    "distributed.enabled": boolean,
+    "distributed.coordinator": string,
+    "distributed.num_processes": integer(0),
+    "distributed.process_id": integer(0, also=(-1,)),
+    "distributed.init_timeout_s": integer(0),
 }
 
 

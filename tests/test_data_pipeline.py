@@ -113,3 +113,20 @@ def test_bad_records():
         prompt_batches([], batch_size=1, shard_index=0, shard_count=1)
     with pytest.raises(TypeError, match="records must be a sequence of dicts"):
         prompt_batches("abc", batch_size=1, shard_index=0, shard_count=1)
+
+
+def test_num_chunks_gives_each_process_its_slice_of_every_micro_batch():
+    full = ids(prompt_batches(RECS, batch_size=8, seed=1, num_epochs=2, shard_index=0, shard_count=1))
+    shards = [
+        ids(prompt_batches(RECS, batch_size=8, seed=1, num_epochs=2, shard_index=h, shard_count=2, num_chunks=2))
+        for h in range(2)
+    ]
+    for step, global_batch in enumerate(full):
+        # chunk c of the global batch = process 0's half c + process 1's half c
+        for c in range(2):
+            assert (
+                shards[0][step][2 * c : 2 * c + 2] + shards[1][step][2 * c : 2 * c + 2]
+                == global_batch[4 * c : 4 * c + 4]
+            )
+    with pytest.raises(ValueError, match="num_chunks=3"):
+        prompt_batches(RECS, batch_size=8, shard_index=0, shard_count=2, num_chunks=3)

@@ -6,7 +6,11 @@ Layout of the global stream: ``records`` shuffled with ``seed`` for epoch 0, ``s
 ``batch_size``. Process ``shard_index`` of ``shard_count`` takes the contiguous ``batch_size //
 shard_count`` slice of every global batch, so all processes together see exactly the single-process
 stream and every process yields the same number of batches (no host waits on another at the end).
-A batch may span an epoch boundary; with ``drop_remainder`` the incomplete final batch is dropped.
+With ``num_chunks`` > 1 (the trainer's micro-batches per step) every global batch is first cut into
+that many equal chunks and the process takes its contiguous slice of each, so that local micro-batch
+k of every process together make up exactly global micro-batch k of one process.
+A batch may span an epoch boundary; with ``drop_remainder`` the incomplete final batch is dropped
+(always, with several processes: every process must see the same number of full batches).
 
 Checkpointing: ``it.get_state()`` is a JSON-serialisable dict such as ``{"next_index": 12}``. Save it
 with ``orbax.checkpoint.args.JsonSave(it.get_state())`` and restore with ``it.set_state(json)`` on a
@@ -41,6 +45,7 @@ def prompt_batches(
     shuffle: bool = True,
     drop_remainder: bool = True,
     batch_fn: Callable[[list], object] = list,
+    num_chunks: int = 1,
 ) -> grain.MapDataset:
     """Batches of this process's share of ``records`` as a grain ``MapDataset`` (random access, ``len``).
 
@@ -49,6 +54,8 @@ def prompt_batches(
     num_epochs:   passes over the data; None repeats forever.
     shard_index, shard_count: default to ``jax.process_index()`` / ``jax.process_count()``.
     batch_fn:     turns a list of records into a batch (default: the list itself).
+    num_chunks:   with several processes, take this process's slice of each of ``num_chunks`` equal
+                  chunks of a global batch (see the module docstring); one process ignores it.
 
     ``len(ds)`` is the number of batches this process will yield; ``ds[i]`` is batch i.
     """
@@ -63,6 +70,10 @@ def prompt_batches(
         raise ValueError(f"shard_index must be in [0, shard_count), got {shard_index} of {shard_count}")
     if batch_size % shard_count:
         raise ValueError(f"batch_size={batch_size} must be divisible by shard_count={shard_count}")
+    if num_chunks < 1 or (shard_count > 1 and batch_size % (num_chunks * shard_count)):
+        raise ValueError(
+            f"batch_size={batch_size} must be divisible by num_chunks={num_chunks} x shard_count={shard_count}"
+        )
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
     if not 0 <= seed < 2**32:
@@ -74,13 +85,14 @@ def prompt_batches(
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)  # reseeds the shuffle every epoch
-    local = batch_size // shard_count
-    ds = ds.batch(local, drop_remainder=drop_remainder, batch_fn=batch_fn)
-    if shard_count > 1:
-        # Local batch k belongs to global batch k // shard_count; keep whole global batches only.
-        whole = (len(ds) // shard_count) * shard_count
-        ds = ds[shard_index:whole:shard_count]
-    return ds
+    if shard_count == 1:
+        return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=batch_fn)
+    # Whole global batches, then this process's rows of each: the same stream as one process.
+    chunk = batch_size // num_chunks
+    per = chunk // shard_count
+    rows = [c * chunk + shard_index * per + j for c in range(num_chunks) for j in range(per)]
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=list)
+    return ds.map(lambda batch: batch_fn([batch[i] for i in rows]))
 
 
 def make_prompt_dataset(records: Sequence[dict], **kwargs) -> grain.DatasetIterator:

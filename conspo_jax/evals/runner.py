@@ -5,6 +5,10 @@ pass@1 elsewhere, temperature 0.6, top-p 0.95, the training response length.
 encodes each problem with the paper's prompt, samples k completions per problem in chunks, verifies
 them in the reward pool while the engine samples the next chunk, and writes ``results.json``,
 ``table.md`` and ``samples.jsonl`` (every sample with its extracted answer and verdict) to ``out_dir``.
+
+With several processes (``conspo_jax.distributed``) every engine call's prompts are split into one
+contiguous slice per process, each process samples (one global decode) and verifies its slice, the
+verdicts are gathered, and process 0 writes the files: the scores are those of one process.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from conspo_jax import distributed
 from conspo_jax.data import math_data
 from conspo_jax.data.prompts import encode_prompt
 from conspo_jax.evals import metrics, report
@@ -131,7 +136,8 @@ def evaluate(
     columns: set = set()
     t_all = time.time()
     try:
-        with open(os.path.join(out_dir, "samples.jsonl"), "w", encoding="utf-8") as samples_f:
+        samples_path = os.path.join(out_dir, "samples.jsonl") if distributed.is_primary() else os.devnull
+        with open(samples_path, "w", encoding="utf-8") as samples_f:
             for name, records in items:
                 k = _k_for(name, k_overrides)
                 col = _column(name, columns)
@@ -169,7 +175,8 @@ def evaluate(
     results["average"] = float(np.mean(scores))
     results["seconds"] = round(time.time() - t_all, 2)
     results["table"] = report.table_from_results(results, label)
-    report.write_results(out_dir, results)
+    if distributed.is_primary():
+        report.write_results(out_dir, results)
     return results
 
 
@@ -195,6 +202,7 @@ def _run_benchmark(
     t0 = time.time()
     prompts = [encode(r) for r in records]
     per_call = max(1, rows_per_call // k)
+    procs, rank = distributed.process_count(), distributed.process_index()
     correct = np.zeros((len(records), k), bool)
     stats = {"truncated": 0, "no_box": 0, "timeouts": 0, "tokens": 0}
     pending = None
@@ -202,6 +210,9 @@ def _run_benchmark(
     def finish(job):
         start, chunk_recs, texts, lens, reasons, verdicts_future = job
         verdicts = verdicts_future.result()
+        if distributed.multi_process():  # every process's slice, in process (= prompt) order
+            parts = distributed.allgather((texts, list(lens), reasons, verdicts))
+            texts, lens, reasons, verdicts = ([x for part in parts for x in part[i]] for i in range(4))
         for row, (text, v) in enumerate(zip(texts, verdicts)):
             p, s = divmod(row, k)
             correct[start + p, s] = v.score > 0
@@ -238,6 +249,9 @@ def _run_benchmark(
             real = len(chunk)
             if real < per_call and len(records) > per_call:
                 chunk = chunk + [chunk[-1]] * (per_call - real)  # same shape as the other calls
+            chunk = chunk + [chunk[-1]] * (-len(chunk) % procs)  # an equal slice for every process
+            per_proc = len(chunk) // procs
+            first = rank * per_proc  # this process's slice: chunk[first : first + per_proc]
             params = SamplingParams(
                 n=k,
                 temperature=temperature,
@@ -246,12 +260,12 @@ def _run_benchmark(
                 stop_token_ids=stop,
                 seed=chunk_seed(name, start),
             )
-            out = engine.generate(chunk, params)
-            rows = real * k
+            out = engine.generate(chunk[first : first + per_proc], params)
+            rows = min(max(real - first, 0), per_proc) * k  # this process's rows of real problems
             texts = tokenizer.batch_decode(out.completions()[:rows], skip_special_tokens=True)
             lens = out.completion_lens_R[:rows]
             reasons = list(out.finish_reasons[:rows])
-            answers = [records[start + r // k]["answer"] for r in range(rows)]
+            answers = [records[start + first + r // k]["answer"] for r in range(rows)]
             job = (
                 start,
                 records[start : start + real],

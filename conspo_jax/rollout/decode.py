@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from conspo_jax import distributed
 from conspo_jax.rollout.sampling import sample_tokens
 
 MIN_WINDOW = 64
@@ -164,6 +165,10 @@ def window_for(plen: int, longest: int, steps: int, max_new: int) -> int:
     return min(max(MIN_WINDOW, _pow2_at_least(need)), plen + max_new)
 
 
+def _round_up(x: int, k: int) -> int:
+    return -(-x // k) * k
+
+
 def run_decode(
     programs: DecodePrograms,
     *,
@@ -182,9 +187,22 @@ def run_decode(
     place=None,
     shrink=True,
     min_rows=8,
+    processes=1,
+    rank=0,
+    row_align=1,
 ):
     """Decodes n samples of each (left-padded) prompt on `rows` device rows with refill and compaction.
-    Returns numpy (ids_RxC, logp_RxC, lens_R, stopped_R) in prompt-major order, C = max_new."""
+    Returns numpy (ids_RxC, logp_RxC, lens_R, stopped_R) in prompt-major order, C = max_new.
+
+    With ``processes`` > 1 every process calls this with its own prompts and decodes them on its own
+    block of `rows` rows of one global decode (rows [rank * b, (rank + 1) * b) of every device array,
+    which the mesh's data axes put on this process's devices): ``place`` builds the global arrays from
+    these local blocks, outputs are read back from this process's shards, and the host decisions that
+    fix shapes or the number of device calls (row counts, prefill buckets, compaction, the attention
+    window, when to stop) are agreed with one small allgather per round. ``row_align`` (this process's
+    data shards) keeps every local block a whole number of shards. One process: exactly the loop it
+    always was.
+    """
     from conspo_jax.models import init_kv_cache
 
     max_new, pad_id = programs.max_new, programs.pad_id
@@ -194,11 +212,18 @@ def run_decode(
     logp_RxC = np.zeros((total, max_new), np.float32)
     lens_R = np.zeros((total,), np.int32)
     stopped_R = np.zeros((total,), bool)
+    place = place or jnp.asarray
 
-    b = rows
-    cache = init_kv_cache(config, b, plen + max_new, dtype=cache_dtype, mesh=mesh)
-    dev_rows = jax.tree.map(place or jnp.asarray, empty_rows(b, plen))
-    owner_B = np.full((b,), -1, np.int64)  # pair index decoded on each row, -1 when free
+    def agree(*values):  # [processes, len(values)]: every process's values (one process: its own)
+        return distributed.allgather_ints(values) if processes > 1 else np.asarray([values])
+
+    def fetch(tree):
+        return distributed.to_local(tree) if processes > 1 else jax.device_get(tree)
+
+    b = _round_up(int(agree(rows).max()), row_align)  # this process's rows; every process has as many
+    cache = init_kv_cache(config, processes * b, plen + max_new, dtype=cache_dtype, mesh=mesh)
+    dev_rows = jax.tree.map(place, empty_rows(b, plen))
+    owner_B = np.full((b,), -1, np.int64)  # pair index decoded on each (local) row, -1 when free
     next_pair, calls = 0, 0
 
     def next_key():
@@ -218,49 +243,55 @@ def run_decode(
                 owner_B[r] = -1
 
     while True:
-        free = np.flatnonzero(owner_B < 0)
-        while free.size and next_pair < total:
+        while True:  # refill free rows while any process has pending pairs and free rows
+            free = np.flatnonzero(owner_B < 0)
             take = min(free.size, total - next_pair)
-            bucket = min(_pow2_at_least(max(take, min_rows)), b)
-            idx_N = np.full((bucket,), b, np.int32)  # out-of-range rows are dropped by the scatter
-            idx_N[:take] = free[:take]
+            most = int(agree(take).max())
+            if most == 0:
+                break
+            bucket = min(_round_up(_pow2_at_least(max(most, min_rows)), row_align), b)
+            # Out-of-range rows (>= every process's rows) are dropped by the scatter.
+            idx_N = np.full((bucket,), processes * b, np.int32)
+            idx_N[:take] = free[:take] + rank * b
             pairs = np.arange(next_pair, next_pair + take)
-            src = np.concatenate([pairs // n, np.full((bucket - take,), pairs[0] // n)])
+            src = np.concatenate([pairs // n, np.full((bucket - take,), pairs[0] // n if take else 0)])
             owner_B[free[:take]] = pairs
             next_pair += take
             cache, dev_rows, tok_N, logp_N = programs.prefill(
                 state,
                 cache,
                 dev_rows,
-                jnp.asarray(idx_N),
-                jnp.asarray(prompt_PxQ[src]),
-                jnp.asarray(mask_PxQ[src]),
+                place(idx_N),
+                place(prompt_PxQ[src]),
+                place(mask_PxQ[src]),
                 next_key(),
                 samp,
                 stop_ids,
             )
-            tok_N, logp_N, done_B, stopped_B = jax.device_get((tok_N, logp_N, dev_rows.done_B, dev_rows.stopped_B))
+            tok_N, logp_N, done_B, stopped_B = fetch((tok_N, logp_N, dev_rows.done_B, dev_rows.stopped_B))
             r_N = free[:take]
             record(r_N, tok_N[:take, None], logp_N[:take, None], np.ones(take, np.int64), done_B[r_N], stopped_B[r_N])
-            free = np.flatnonzero(owner_B < 0)
-        live = np.flatnonzero(owner_B >= 0)
-        if live.size == 0:
+        free, live = np.flatnonzero(owner_B < 0), np.flatnonzero(owner_B >= 0)
+        longest = int(lens_R[owner_B[live]].max()) if live.size else 0
+        g = agree(live.size, longest, int(next_pair < total))
+        most_live = int(g[:, 0].max())
+        if most_live == 0:
             break
-        if shrink and next_pair >= total and live.size <= b // 2 and b > min_rows:
-            new_b = max(min(_pow2_at_least(live.size), b // 2), min_rows)
-            # At most half the rows are live, so a free (done) row exists to pad with.
-            idx = np.concatenate([live, np.full((new_b - live.size,), free[0])])
-            cache, dev_rows = programs.take(cache, dev_rows, jnp.asarray(idx.astype(np.int32)))
-            # Padding rows duplicate a free (done) row, so they stay done and own nothing.
-            owner_B = np.concatenate([owner_B[live], np.full((new_b - live.size,), -1)])
-            b = new_b
-            continue
-        longest = int(lens_R[owner_B[live]].max())
-        window = window_for(plen, longest, chunk, max_new)
+        if shrink and not g[:, 2].any() and most_live <= b // 2 and b > min_rows:
+            new_b = _round_up(max(min(_pow2_at_least(most_live), b // 2), min_rows), row_align)
+            if new_b < b:
+                # At most half the rows are live, so a free (done) row exists to pad with.
+                idx = np.concatenate([live, np.full((new_b - live.size,), free[0])]) + rank * b
+                cache, dev_rows = programs.take(cache, dev_rows, place(idx.astype(np.int32)))
+                # Padding rows duplicate a free (done) row, so they stay done and own nothing.
+                owner_B = np.concatenate([owner_B[live], np.full((new_b - live.size,), -1)])
+                b = new_b
+                continue
+        window = window_for(plen, int(g[:, 1].max()), chunk, max_new)
         cache, dev_rows, ids_BxK, logp_BxK = programs.chunk(
             state, cache, dev_rows, next_key(), samp, stop_ids, steps=chunk, window=window
         )
-        ids_BxK, logp_BxK, count_B, done_B, stopped_B = jax.device_get(
+        ids_BxK, logp_BxK, count_B, done_B, stopped_B = fetch(
             (ids_BxK, logp_BxK, dev_rows.count_B, dev_rows.done_B, dev_rows.stopped_B)
         )
         new_B = count_B[live] - lens_R[owner_B[live]]

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from conspo_jax import distributed
 from conspo_jax.models import load_hf_policy
 from conspo_jax.rollout.decode import DecodePrograms, prepare_sampling_state, run_decode
 from conspo_jax.rollout.engine import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Rollouts, SamplingParams
@@ -31,7 +32,7 @@ class JaxEngine(RolloutEngine):
 
     eos_token_ids: tokens that end a completion (included in it, reported as finish reason 'stop').
     prompt_bucket: prompts are left-padded to a multiple of this, to bound recompilation.
-    decode_rows: device rows decoding at once (None: every (prompt, sample) pair of the batch);
+    decode_rows: device rows decoding at once, per process (None: every (prompt, sample) pair of the batch);
     with fewer rows than pairs, finished rows are refilled with pending pairs between chunks.
     decode_chunk: decode steps per jitted chunk (the refill / early-exit granularity).
     decode_shrink: once no pairs are pending, compact the live rows into a smaller row bucket.
@@ -95,13 +96,33 @@ class JaxEngine(RolloutEngine):
             self._sampling_cache = (self.state, prepare_sampling_state(self.state, policy.dtype), policy.config)
         return self._sampling_cache[1:]
 
+    def _process_layout(self) -> dict:
+        """run_decode's view of the processes: with a mesh over several processes each decodes its own
+        prompts on its block of one global decode, in whole data shards (rows are per process)."""
+        if self.mesh is None or not distributed.multi_process():
+            return {}
+        batch_axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.axis_names)
+        shards = math.prod(self.mesh.shape[a] for a in batch_axes)
+        procs = jax.process_count()
+        if shards % procs:
+            raise ValueError(f"JaxEngine: the mesh's {shards} data shards do not split over {procs} processes")
+        return dict(processes=procs, rank=jax.process_index(), row_align=shards // procs)
+
     def _place(self, x):
+        """This process's rows as its block of the global [rows over all processes, ...] array."""
         if self.mesh is None:
             return jnp.asarray(x)
         batch_axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.axis_names)
         shards = math.prod(self.mesh.shape[a] for a in batch_axes)
-        spec = PartitionSpec(batch_axes) if x.shape[0] % shards == 0 else PartitionSpec()
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        if x.shape[0] * jax.process_count() % shards == 0:
+            spec = PartitionSpec(batch_axes)
+        elif distributed.multi_process():
+            raise ValueError(
+                f"JaxEngine: {x.shape[0]} rows per process do not split over the {shards} data shards of the mesh"
+            )
+        else:
+            spec = PartitionSpec()
+        return distributed.to_global(x, NamedSharding(self.mesh, spec))
 
     def generate(self, prompts, params: SamplingParams, *, answers=None, prompt_ids=None) -> Rollouts:
         prompts = [list(p) for p in prompts]
@@ -111,6 +132,8 @@ class JaxEngine(RolloutEngine):
         stop_ids = np.full((_MAX_STOP_IDS,), -1, np.int32)
         stop_ids[: len(stop)] = stop
         plen = -(-max(map(len, prompts)) // self.bucket) * self.bucket
+        # One global decode: every process pads to the longest prompt of any process.
+        plen = int(distributed.allgather_ints([plen]).max())
         prompt_PxQ = np.full((len(prompts), plen), self.pad_id, np.int32)
         mask_PxQ = np.zeros((len(prompts), plen), np.int32)
         for p, toks in enumerate(prompts):
@@ -135,6 +158,7 @@ class JaxEngine(RolloutEngine):
             place=self._place,
             shrink=self.decode_shrink,
             min_rows=self.decode_min_rows,
+            **self._process_layout(),
         )
         return Rollouts(
             completion_ids_RxC=np.asarray(ids, np.int32),

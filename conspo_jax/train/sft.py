@@ -24,7 +24,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from conspo_jax import distributed
 from conspo_jax.configs import UsageError
 from conspo_jax.models import token_logprobs
 from conspo_jax.train.step import state_shardings, warmup_then_constant
@@ -85,10 +87,15 @@ def warm_start(
     opt_state = jax.jit(optimizer.init)(params)
     if mesh is not None:  # commit every leaf to the mesh so the donated step never recompiles
         opt_state = jax.device_put(opt_state, state_shardings(opt_state, mesh))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # the same draws on every process: the batch is replicated
+    replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
     for s in range(steps):
         idx = rng.choice(len(records), size=batch_size, replace=False)
-        batch = (jnp.asarray(ids[idx]), jnp.asarray(attn[idx]), jnp.asarray(tmask[idx]))
+        batch = (ids[idx], attn[idx], tmask[idx])
+        if mesh is not None:
+            batch = distributed.to_global(batch, (replicated,) * 3)
+        else:
+            batch = jax.tree.map(jnp.asarray, batch)
         params, opt_state, loss = _sft_step(params, opt_state, graphdef, rest, batch, optimizer)
         if log is not None and (s + 1) % 25 == 0:
             log(s + 1, float(loss))
@@ -111,7 +118,8 @@ def cached_warm_start(graphdef, params, rest, task, tokenizer, *, config, mesh):
     s = config.sft
     cache = os.path.abspath(os.path.expanduser(s.cache_dir)) if s.cache_dir else ""
     stamp = _fingerprint(config)
-    if cache and os.path.isdir(os.path.join(cache, "params")):
+    # Process 0's view decides, so that every process takes the same path (restore or compute, both collective).
+    if cache and distributed.allgather(os.path.isdir(os.path.join(cache, "params")))[0]:
         with open(os.path.join(cache, "fingerprint.json")) as f:
             saved = json.load(f)
         if saved != stamp:
@@ -150,9 +158,13 @@ def cached_warm_start(graphdef, params, rest, task, tokenizer, *, config, mesh):
 def _save_cache(cache: str, params, stamp: dict) -> None:
     """Writes under a private name, then renames: runs racing on one seed never see a half cache."""
     os.makedirs(cache, exist_ok=True)
-    tmp = os.path.join(cache, f".tmp-{os.getpid()}")
+    # Every process joins the Orbax save into process 0's private name; process 0 renames it.
+    tmp = os.path.join(cache, f".tmp-{distributed.allgather(os.getpid())[0]}")
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(tmp, "params"), params, force=True)
+    if not distributed.is_primary():
+        distributed.barrier("sft_cache_saved")
+        return
     with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
         json.dump(stamp, f, indent=2, sort_keys=True)
     try:
@@ -162,3 +174,4 @@ def _save_cache(cache: str, params, stamp: dict) -> None:
         pass  # another run of the same seed finished first; its cache is the same computation
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier("sft_cache_saved")

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from conspo_jax import build, logs
+from conspo_jax import build, distributed, logs
 from conspo_jax.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
 from conspo_jax.evals.runner import evaluate
@@ -35,7 +35,13 @@ from conspo_jax.train.collect import Round, dynamic_batch, gather_groups, round_
 from conspo_jax.train.diagnostics import write_credit_dump
 from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
 from conspo_jax.train.sft import cached_warm_start
-from conspo_jax.train.step import init_train_state, make_logprob_fn, make_optimizer, make_train_step
+from conspo_jax.train.step import (
+    init_train_state,
+    make_logprob_fn,
+    make_optimizer,
+    make_train_step,
+    micro_batch_shardings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ class Trainer:
         check_resume_config(config, workdir, allow_config_change=allow_config_change)
         build.enable_compilation_cache(config)
         self.config, self.workdir = config, workdir
+        self.primary = distributed.is_primary()  # process 0 writes the run's files
         try:
             os.makedirs(workdir, exist_ok=True)
         except OSError as e:  # a path under a file, no permission, ...
@@ -98,6 +105,7 @@ class Trainer:
         self.batches_per_round = r.oversample if self.dynamic_sampling else 1
         if self.dynamic_sampling:  # the worst case: every step runs every round; the stream never runs dry
             num_epochs *= r.max_sampling_rounds * self.batches_per_round
+        self.layout = self._process_layout()
         self.optimizer = make_optimizer(**config.optim)
         self.state = init_train_state(params, self.optimizer, jax.random.key(config.seed), self.mesh)
         self.data_iter = make_prompt_dataset(
@@ -106,6 +114,7 @@ class Trainer:
             seed=config.seed,
             num_epochs=num_epochs,
             shuffle=config.data.shuffle,
+            num_chunks=self.layout[0],
         )
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts)
         needs_ref = self.objective_fn.requires_ref_logp(**self.objective_kwargs)
@@ -120,7 +129,9 @@ class Trainer:
         # Overlapped runs: step t+1's batch (made by a producer thread while step t trains) and the thread.
         self.pending = inflight.load(self.inflight_dir, self.start, RolloutBatch) if self.resumed else None
         self.producer = concurrent.futures.ThreadPoolExecutor(1, "rollouts") if self.async_steps else None
-        self.writer = MetricsWriter(workdir, resume_step=self.start if self.resumed else None)
+        self.writer = (
+            MetricsWriter(workdir, resume_step=self.start if self.resumed else None) if self.primary else _NoWriter()
+        )
         self.engine = build.make_engine(
             config,
             nnx.merge(self.graphdef, self.state.params, self.rest),
@@ -130,13 +141,16 @@ class Trainer:
         )
         self.width = config.data.max_prompt_len
         self.needs_old_logp = self.objective_fn.uses_old_logp and config.train.mini_batches > 1
-        self.old_logp_fn = make_logprob_fn(self.graphdef, self.width) if self.needs_old_logp else None
+        example = self._example_batch()
+        self.batch_shardings = micro_batch_shardings(example, self.mesh)
+        self.old_logp_fn = self._build_old_logp_fn(example) if self.needs_old_logp else None
         self.step_fn = self._build_step_fn()
         self._diag_logp_fn = None  # built on the first train.diagnostics_every step
         self.results = self._load_results()
         self._nonfinite_run = 0
         # Written last: a run whose config fails to build leaves an existing run directory untouched.
-        atomic_write(os.path.join(workdir, "config.json"), config_to_json(config))
+        if self.primary:
+            atomic_write(os.path.join(workdir, "config.json"), config_to_json(config))
 
     # ---- construction --------------------------------------------------------------------------
 
@@ -150,6 +164,55 @@ class Trainer:
         total = self.config.train.num_steps or steps_per_epoch * self.config.data.num_epochs
         return total, -(-total // steps_per_epoch)
 
+    def _process_layout(self) -> tuple[int, int]:
+        """(micro-batches per step, groups each process adds to a micro-batch).
+
+        With P processes each global micro-batch takes g_micro / P whole groups from every process
+        (the pipeline hands each process its slice of every micro-batch, ``num_chunks``)."""
+        r, t = self.config.rollout, self.config.train
+        num_micro, g_micro = micro_batch_layout(
+            r.prompts_per_step, mini_batches=t.mini_batches, micro_batch_groups=t.micro_batch_groups
+        )
+        procs = jax.process_count()
+        if procs > 1:
+            # Each of these would have the processes issue collectives (the sampler's per-round agreement,
+            # metric gathers) in orders that can differ between processes, and hang.
+            single = {
+                "rollout.async_steps": r.async_steps,  # a producer thread beside the main thread
+                "train.diagnostics_every": t.diagnostics_every,
+            }
+            if self.dynamic_sampling:  # each process would draw its own number of rounds
+                single["rollout.dynamic_sampling"] = r.dynamic_sampling
+            for key, value in single.items():
+                if value:
+                    raise UsageError(f"{key}={value!r} runs on one process only for now, not {procs}")
+        if g_micro % procs:
+            raise UsageError(
+                f"rollout.prompts_per_step={r.prompts_per_step}: the {g_micro} groups of a micro-batch do not "
+                f"split over {procs} processes (every prompt group stays inside one process)"
+            )
+        return t.mini_batches * num_micro, g_micro // procs
+
+    def _save_checkpoint(self, done: int) -> None:
+        # Every process joins the (one) Orbax checkpoint; the data positions of all are gathered into it.
+        data = self.data_iter.get_state()
+        if distributed.multi_process():
+            data = {"processes": distributed.allgather(data)}
+        self.ckpt.save(done, self.state, data, {"step": done, "weight_version": done}, self.ref_params)
+
+    def _restore_data(self, data_state: dict) -> None:
+        if "processes" in data_state:
+            states = data_state["processes"]
+            if len(states) != jax.process_count():
+                raise UsageError(
+                    f"the checkpoint was written by {len(states)} processes; resume it with as many, "
+                    f"not {jax.process_count()}"
+                )
+            data_state = states[jax.process_index()]
+        elif distributed.multi_process():
+            raise UsageError("the checkpoint was written by one process; resume it with one process")
+        self.data_iter.set_state(data_state)
+
     def _restore_or_warm_start(self, needs_ref: bool):
         """(RL steps already done, reference params). The reference policy (KL terms) is the policy RL started from:
         a copy taken after the warm start, saved in every checkpoint and restored from it, never
@@ -159,7 +222,7 @@ class Trainer:
             self.state, data_state, meta, ref = self.ckpt.restore(
                 resume, self.state, self.state.params if needs_ref else None
             )
-            self.data_iter.set_state(data_state)
+            self._restore_data(data_state)
             log.info(f"resumed from step {resume} ({self.ckpt.directory})")
             return int(meta["step"]), ref
         c = self.config
@@ -193,6 +256,16 @@ class Trainer:
             old_logp=spec(r.max_new_tokens) if self.needs_old_logp else None,
             group_size=r.n,
         )
+
+    def _build_old_logp_fn(self, example: RLBatch):
+        flat_fn = make_logprob_fn(self.graphdef, self.width)
+
+        def stacked(params, rest, ids_MxRxT, mask_MxRxT):
+            m, rows, width = ids_MxRxT.shape
+            flat = flat_fn(params, rest, ids_MxRxT.reshape(-1, width), mask_MxRxT.reshape(-1, width))
+            return flat.reshape(m, rows, -1)
+
+        return jax.jit(stacked, out_shardings=self.batch_shardings.old_logp)
 
     def _build_step_fn(self):
         kwargs, fn = self.objective_kwargs, self.objective_fn
@@ -315,7 +388,13 @@ class Trainer:
             batch = batch.replace(rollout_mask=np.asarray(rb.rollout_mask_R, np.float32))
         if t.diagnostics_every and rb.step >= 0 and (rb.step + 1) % t.diagnostics_every == 0:
             self._write_diagnostics(rb.step, batch)
-        minis = split_micro_batches(batch, mini_batches=t.mini_batches, micro_batch_groups=t.micro_batch_groups)
+        g_local = self.layout[1]
+        minis = split_micro_batches(batch, mini_batches=t.mini_batches, micro_batch_groups=g_local)
+        # Group ids unique in the global micro-batch: this process's groups follow those of lower ranks.
+        offset = jax.process_index() * g_local
+        minis = [
+            distributed.to_global(mb.replace(group_ids=mb.group_ids + offset), self.batch_shardings) for mb in minis
+        ]
         if self.old_logp_fn is None:
             return minis
         return [mb.replace(old_logp=self._old_logp(mb)) for mb in minis]
@@ -336,12 +415,9 @@ class Trainer:
             step=step + 1,
         )
 
-    def _old_logp(self, mb: RLBatch) -> np.ndarray:
-        m, rows, width = mb.input_ids.shape
-        flat = self.old_logp_fn(
-            self.state.params, self.rest, mb.input_ids.reshape(-1, width), mb.attention_mask.reshape(-1, width)
-        )
-        return np.asarray(flat).reshape(m, rows, -1)
+    def _old_logp(self, mb: RLBatch) -> jax.Array:
+        """Old-policy log-probs of a global micro-batch stack, left on the devices it is sharded over."""
+        return self.old_logp_fn(self.state.params, self.rest, mb.input_ids, mb.attention_mask)
 
     def update(self, minis: list[RLBatch], step: int) -> dict:
         """One optimizer update per mini-batch; returns the step's mean metrics."""
@@ -378,8 +454,7 @@ class Trainer:
         if done % c.train.ckpt_every == 0 or done == self.total_steps:
             if self.pending is not None:  # written first: a checkpoint never lacks the batch it expects
                 inflight.save(self.inflight_dir, done, self.pending)
-            meta = {"step": done, "weight_version": done}
-            self.ckpt.save(done, self.state, self.data_iter.get_state(), meta, self.ref_params)
+            self._save_checkpoint(done)
             inflight.prune(self.inflight_dir, self.ckpt.all_steps())
             self._write_results()
 
@@ -440,7 +515,8 @@ class Trainer:
         return out
 
     def _write_results(self, indent=None) -> None:
-        atomic_write(os.path.join(self.workdir, "results.json"), json.dumps(self.results, indent=indent))
+        if self.primary:
+            atomic_write(os.path.join(self.workdir, "results.json"), json.dumps(self.results, indent=indent))
 
     def evaluate_at_start(self) -> None:
         if self.start == 0 and self.config.eval.at_start:
@@ -455,12 +531,15 @@ class Trainer:
         if "eval/accuracy" in last_row:
             self.results["eval/accuracy_after"] = last_row["eval/accuracy"]
         self._write_results(indent=2)
-        plot_reward_curve(self.workdir)
+        if self.primary:
+            plot_reward_curve(self.workdir)
         if self.config.train.export_hf:
             export = os.path.join(self.workdir, "hf")
+            # Every process joins the parameter gathers; process 0 writes.
             save_hf_policy(nnx.merge(self.graphdef, self.state.params, self.rest), export)
-            self.tokenizer.save_pretrained(export)
-            log.info(f"exported the trained policy as a Hugging Face checkpoint: {export}")
+            if self.primary:
+                self.tokenizer.save_pretrained(export)
+                log.info(f"exported the trained policy as a Hugging Face checkpoint: {export}")
         if "eval/accuracy_before" in self.results and "eval/accuracy_after" in self.results:
             b, a = self.results["eval/accuracy_before"], self.results["eval/accuracy_after"]
             log.info(
@@ -511,17 +590,39 @@ class Trainer:
 
 
 def rollout_metrics(rb: RolloutBatch, row: dict, t0: float) -> dict:
-    """Per-step scalars about the rollouts themselves."""
+    """Per-step scalars about the rollouts themselves, over the global batch (every process's rows)."""
+    rows_Rx3 = np.stack(
+        [
+            rb.rewards_R.astype(np.float64),
+            rb.rollouts.completion_lens_R.astype(np.float64),
+            np.asarray([f == "length" for f in rb.rollouts.finish_reasons], np.float64),
+        ],
+        axis=1,
+    )
+    rows_Rx3 = distributed.gather_rows(rows_Rx3)
+    stats = distributed.allgather(rb.stats)
     return {
-        "reward/mean": float(np.mean(rb.rewards_R)),
-        "response_len/mean": float(np.mean(rb.rollouts.completion_lens_R)),
-        "rollout/truncated_frac": float(np.mean([f == "length" for f in rb.rollouts.finish_reasons])),
+        "reward/mean": float(np.mean(rows_Rx3[:, 0])),
+        "response_len/mean": float(np.mean(rows_Rx3[:, 1])),
+        "rollout/truncated_frac": float(np.mean(rows_Rx3[:, 2])),
         "margin": row.get("objective/margin", 0.0),
         "time/generate_s": rb.generate_s,
         "rollout/staleness": float(rb.step - rb.rollouts.weight_version),
         "time/step_s": time.time() - t0,
-        **rb.stats,  # reward/mean of the first draw, dynamic sampling's rounds and dropped fraction, ...
+        # reward/mean of the first draw, overlong shaping, dynamic sampling's rounds ...: per-process means
+        # over equal numbers of groups, so their mean over processes is the global batch's.
+        **{k: float(np.mean([st[k] for st in stats])) for k in sorted(rb.stats)},
     }
+
+
+class _NoWriter:
+    """The metrics writer of processes other than 0 (process 0 writes metrics.jsonl and TensorBoard)."""
+
+    def write(self, step: int, scalars: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # Keys a resumed run may change without --allow_config_change: the length of training, and settings that
@@ -536,6 +637,13 @@ RESUME_MAY_CHANGE = (
     "rollout.sidecar.address",
     "rollout.sidecar.token",
     "rollout.sidecar.deadline_s",
+    # Where the processes meet and which one this is (the coordinator port is new each launch; every
+    # process has its own id); a different process count is refused by _restore_data.
+    "distributed.enabled",
+    "distributed.coordinator",
+    "distributed.num_processes",
+    "distributed.process_id",
+    "distributed.init_timeout_s",
 )
 
 
