@@ -7,6 +7,7 @@ This is the top layer: it builds through ``conspo_jax.build`` and evaluates thro
 nothing below it imports it.
 """
 
-from conspo_jax.train.trainer import RolloutBatch, Trainer, train
+from conspo_jax.train.collect import RolloutBatch
+from conspo_jax.train.trainer import Trainer, train
 
 __all__ = ["RolloutBatch", "Trainer", "train"]

@@ -14,15 +14,19 @@ them).
 Seeds: round 0 samples with the seed a step always had (so a run without dynamic sampling is unchanged);
 round k > 0 folds k into the step's key, so every round of every step has its own fixed seed and a resumed
 run regenerates exactly the same rounds.
+
+``RolloutBatch`` (what the collect stage hands on) and ``rollout_metrics`` (its per-step scalars) live here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import numpy as np
 
+from conspo_jax import distributed
 from conspo_jax.objectives import fill_batch_with_varied_groups, shape_overlong_rewards
 from conspo_jax.rollout import Rollouts
 
@@ -111,3 +115,49 @@ def shape_rewards(rewards_R, lengths_R, *, max_len: int, buffer: int, penalty: f
     real = np.ones_like(rewards) if rollout_mask_R is None else np.asarray(rollout_mask_R, np.float32)
     mean = float(np.sum((shaped - rewards) * real) / max(float(np.sum(real)), 1.0))
     return shaped, {"rollout/overlong_penalty_mean": mean}
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """What ``collect`` returns: a step's prompts and their verified rollouts.
+
+    rewards_R:      the rewards the objective trains on (overlong shaping applied when it is on).
+    rollout_mask_R: 0 on padding groups (dynamic sampling that hit its round cap), or None: all real.
+    stats:          the collect stage's metrics (rollout/sampling_rounds, rollout/dropped_frac, ...).
+    step:           the RL step (0-based) the batch was collected for.
+    """
+
+    records: list[dict]
+    prompts: list[list[int]]
+    rollouts: Rollouts
+    rewards_R: np.ndarray
+    generate_s: float
+    rollout_mask_R: np.ndarray | None = None
+    stats: dict = dataclasses.field(default_factory=dict)
+    step: int = -1  # the RL step these rollouts are for
+
+
+def rollout_metrics(rb: RolloutBatch, row: dict, t0: float) -> dict:
+    """Per-step scalars about the rollouts themselves, over the global batch (every process's rows)."""
+    rows_Rx3 = np.stack(
+        [
+            rb.rewards_R.astype(np.float64),
+            rb.rollouts.completion_lens_R.astype(np.float64),
+            np.asarray([f == "length" for f in rb.rollouts.finish_reasons], np.float64),
+        ],
+        axis=1,
+    )
+    rows_Rx3 = distributed.gather_rows(rows_Rx3)
+    stats = distributed.allgather(rb.stats)
+    return {
+        "reward/mean": float(np.mean(rows_Rx3[:, 0])),
+        "response_len/mean": float(np.mean(rows_Rx3[:, 1])),
+        "rollout/truncated_frac": float(np.mean(rows_Rx3[:, 2])),
+        "margin": row.get("objective/margin", 0.0),
+        "time/generate_s": rb.generate_s,
+        "rollout/staleness": float(rb.step - rb.rollouts.weight_version),
+        "time/step_s": time.time() - t0,
+        # reward/mean of the first draw, overlong shaping, dynamic sampling's rounds ...: per-process means
+        # over equal numbers of groups, so their mean over processes is the global batch's.
+        **{k: float(np.mean([st[k] for st in stats])) for k in sorted(rb.stats)},
+    }

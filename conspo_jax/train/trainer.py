@@ -9,7 +9,6 @@ runs, and re-running it resumes. Each stage is one method with a typed result, s
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import logging
 import os
@@ -27,13 +26,22 @@ from conspo_jax.data.pipeline import make_prompt_dataset
 from conspo_jax.evals.runner import evaluate
 from conspo_jax.models import save_hf_policy
 from conspo_jax.objectives import check_rewards, get_objective, resolve_dapo_rollout
-from conspo_jax.rollout import Rollouts, SamplingParams
+from conspo_jax.rollout import SamplingParams
 from conspo_jax.train import inflight
 from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
 from conspo_jax.train.checkpoint import Checkpointer
-from conspo_jax.train.collect import Round, dynamic_batch, gather_groups, round_seed, shape_rewards
+from conspo_jax.train.collect import (
+    RolloutBatch,
+    Round,
+    dynamic_batch,
+    gather_groups,
+    rollout_metrics,
+    round_seed,
+    shape_rewards,
+)
 from conspo_jax.train.diagnostics import write_credit_dump
 from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
+from conspo_jax.train.resume import check_resume_config
 from conspo_jax.train.sft import cached_warm_start
 from conspo_jax.train.step import (
     init_train_state,
@@ -47,26 +55,6 @@ log = logging.getLogger(__name__)
 
 HELD_OUT = "heldout"  # the synthetic task's held-out split, as the evaluator names it
 _EVAL_SEED_OFFSET = 10_000  # held-out sampling seed = config.seed + this (kept from the first demo runs)
-
-
-@dataclasses.dataclass
-class RolloutBatch:
-    """What ``collect`` returns: a step's prompts and their verified rollouts.
-
-    rewards_R:      the rewards the objective trains on (overlong shaping applied when it is on).
-    rollout_mask_R: 0 on padding groups (dynamic sampling that hit its round cap), or None: all real.
-    stats:          the collect stage's metrics (rollout/sampling_rounds, rollout/dropped_frac, ...).
-    step:           the RL step (0-based) the batch was collected for.
-    """
-
-    records: list[dict]
-    prompts: list[list[int]]
-    rollouts: Rollouts
-    rewards_R: np.ndarray
-    generate_s: float
-    rollout_mask_R: np.ndarray | None = None
-    stats: dict = dataclasses.field(default_factory=dict)
-    step: int = -1  # the RL step these rollouts are for
 
 
 class Trainer:
@@ -589,32 +577,6 @@ class Trainer:
         return row
 
 
-def rollout_metrics(rb: RolloutBatch, row: dict, t0: float) -> dict:
-    """Per-step scalars about the rollouts themselves, over the global batch (every process's rows)."""
-    rows_Rx3 = np.stack(
-        [
-            rb.rewards_R.astype(np.float64),
-            rb.rollouts.completion_lens_R.astype(np.float64),
-            np.asarray([f == "length" for f in rb.rollouts.finish_reasons], np.float64),
-        ],
-        axis=1,
-    )
-    rows_Rx3 = distributed.gather_rows(rows_Rx3)
-    stats = distributed.allgather(rb.stats)
-    return {
-        "reward/mean": float(np.mean(rows_Rx3[:, 0])),
-        "response_len/mean": float(np.mean(rows_Rx3[:, 1])),
-        "rollout/truncated_frac": float(np.mean(rows_Rx3[:, 2])),
-        "margin": row.get("objective/margin", 0.0),
-        "time/generate_s": rb.generate_s,
-        "rollout/staleness": float(rb.step - rb.rollouts.weight_version),
-        "time/step_s": time.time() - t0,
-        # reward/mean of the first draw, overlong shaping, dynamic sampling's rounds ...: per-process means
-        # over equal numbers of groups, so their mean over processes is the global batch's.
-        **{k: float(np.mean([st[k] for st in stats])) for k in sorted(rb.stats)},
-    }
-
-
 class _NoWriter:
     """The metrics writer of processes other than 0 (process 0 writes metrics.jsonl and TensorBoard)."""
 
@@ -623,64 +585,6 @@ class _NoWriter:
 
     def close(self) -> None:
         pass
-
-
-# Keys a resumed run may change without --allow_config_change: the length of training, and settings that
-# do not change what is computed (where the sidecar listens, the progress bar, the compilation cache).
-RESUME_MAY_CHANGE = (
-    "train.num_steps",
-    "train.stop_after",
-    "data.num_epochs",
-    "train.progress_bar",
-    "train.keep_ckpts",
-    "xla_cache_dir",
-    "rollout.sidecar.address",
-    "rollout.sidecar.token",
-    "rollout.sidecar.deadline_s",
-    # Where the processes meet and which one this is (the coordinator port is new each launch; every
-    # process has its own id); a different process count is refused by _restore_data.
-    "distributed.enabled",
-    "distributed.coordinator",
-    "distributed.num_processes",
-    "distributed.process_id",
-    "distributed.init_timeout_s",
-)
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resume_config(config, workdir: str, *, allow_config_change: bool = False) -> None:
-    """A run resumed from ``workdir`` with another config stops with a line naming the keys that differ."""
-    path = os.path.join(workdir, "config.json")
-    ckpts = os.path.join(workdir, "checkpoints")
-    if allow_config_change or not os.path.isfile(path) or not os.path.isdir(ckpts):
-        return
-    if not any(d.isdigit() for d in os.listdir(ckpts)):
-        return
-    try:
-        with open(path) as f:
-            before = _flatten(json.load(f))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(
-            f"{path}: the run's config is unreadable ({e}); pass --allow_config_change to resume"
-        ) from None
-    now = _flatten(json.loads(config_to_json(config)))
-    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
-    if differ:
-        shown = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
-        more = f" (+{len(differ) - 6} more)" if len(differ) > 6 else ""
-        raise UsageError(
-            f"--workdir {workdir!r} holds a run with another config ({shown}{more}); "
-            "use a new --workdir, or --allow_config_change to resume it anyway"
-        )
 
 
 def train(config, workdir: str, *, allow_config_change: bool = False) -> dict:
