@@ -227,6 +227,8 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "sft.batch_size": integer(1),
     "sft.warmup_steps": integer(0),
     "sft.cache_dir": string,
+    "sft.target_pass": real(0.0, 1.0, high_open=True),
+    "sft.check_every": integer(1),
     "eval.every": integer(0),  # 0: never during training
     "eval.at_start": boolean,
     "eval.n": integer(1),

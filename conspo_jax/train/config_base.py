@@ -152,8 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.sft = ml_collections.ConfigDict(
-        # cache_dir: reuse one warm start across runs of the same seed (see conspo_jax/train/sft.py)
-        dict(steps=0, lr=1e-3, batch_size=64, warmup_steps=10, cache_dir="")
+        # cache_dir: reuse one warm start across runs of the same seed (see conspo_jax/train/sft.py).
+        # target_pass: stop once the probe's pass rate at T=1 reaches it (steps is then the cap); 0 = run all steps.
+        dict(steps=0, lr=1e-3, batch_size=64, warmup_steps=10, cache_dir="", target_pass=0.0, check_every=5)
     )
     c.eval = ml_collections.ConfigDict(
         dict(

@@ -5,6 +5,12 @@ correct and an incorrect rollout, so a contrastive (or any group-relative) objec
 learn from. A brief, deliberately incomplete supervised phase brings the pass rate strictly between 0
 and 1; RL then has to do the rest. Real checkpoints skip this (``sft.steps = 0``).
 
+With ``sft.target_pass`` set, the phase stops as soon as the expected pass rate at temperature 1 on a
+fixed probe of training problems (the mean over problems of p(target | prompt), one teacher-forced
+pass) reaches it, with ``sft.steps`` as the cap. A fixed step count lands seeds far apart, because a
+tiny model learns the task in a sudden jump whose timing depends on the seed; a target makes every seed
+start RL from about the same pass rate, which is what a paired study needs.
+
 With ``sft.cache_dir`` set, the warm start is computed once and reused: a study runs every method of one
 seed from the same warm-started parameters (paired seeds), and only the first run pays for it.
 """
@@ -38,6 +44,14 @@ def _sft_loss(params, graphdef, rest, ids, attn, target_mask):
     model = nnx.merge(graphdef, params, rest)
     logp = token_logprobs(model, ids, attn)
     return -jnp.sum(logp * target_mask) / jnp.maximum(jnp.sum(target_mask), 1.0)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _pass_rate(params, graphdef, rest, ids, attn, target_mask):
+    """Mean over rows of p(target | prompt): the pass rate of exact-match sampling at temperature 1."""
+    model = nnx.merge(graphdef, params, rest)
+    logp_BxT = token_logprobs(model, ids, attn)
+    return jnp.mean(jnp.exp(jnp.sum(logp_BxT * target_mask, axis=-1)))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 5), donate_argnums=(0, 1))
@@ -80,8 +94,12 @@ def warm_start(
     width,
     mesh=None,
     log=None,
+    target_pass=0.0,
+    check_every=5,
+    probe_size=512,
 ):
-    """Runs ``steps`` AdamW steps of supervised training; returns the new params."""
+    """AdamW steps of supervised training, ``steps`` of them or until the probe's pass rate reaches
+    ``target_pass`` (checked every ``check_every`` steps; 0 = never). Returns (params, steps done, pass rate)."""
     ids, attn, tmask = encode_sft(records, encode, target, tokenizer, width)
     optimizer = optax.adamw(warmup_then_constant(lr, max(warmup_steps, 1)), weight_decay=0.0)
     opt_state = jax.jit(optimizer.init)(params)
@@ -89,17 +107,28 @@ def warm_start(
         opt_state = jax.device_put(opt_state, state_shardings(opt_state, mesh))
     rng = np.random.default_rng(seed)  # the same draws on every process: the batch is replicated
     replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+
+    def on_mesh(arrays):
+        if mesh is not None:
+            return distributed.to_global(arrays, (replicated,) * len(arrays))
+        return jax.tree.map(jnp.asarray, arrays)
+
+    # The first rows, not a draw: the probe must not depend on the seed, so seeds stop at one criterion.
+    probe = on_mesh((ids[:probe_size], attn[:probe_size], tmask[:probe_size]))
+    done, rate = 0, float("nan")
     for s in range(steps):
         idx = rng.choice(len(records), size=batch_size, replace=False)
-        batch = (ids[idx], attn[idx], tmask[idx])
-        if mesh is not None:
-            batch = distributed.to_global(batch, (replicated,) * 3)
-        else:
-            batch = jax.tree.map(jnp.asarray, batch)
-        params, opt_state, loss = _sft_step(params, opt_state, graphdef, rest, batch, optimizer)
-        if log is not None and (s + 1) % 25 == 0:
-            log(s + 1, float(loss))
-    return params
+        params, opt_state, loss = _sft_step(
+            params, opt_state, graphdef, rest, on_mesh((ids[idx], attn[idx], tmask[idx])), optimizer
+        )
+        done = s + 1
+        if target_pass and check_every and done % check_every == 0:
+            rate = float(_pass_rate(params, graphdef, rest, *probe))
+        if log is not None and done % 25 == 0:
+            log(done, float(loss), rate)
+        if rate >= target_pass > 0:  # nan (not yet measured) compares False
+            break
+    return params, done, rate
 
 
 def _fingerprint(config) -> dict:
@@ -109,6 +138,9 @@ def _fingerprint(config) -> dict:
     for section in ("model", "sft", "data"):
         out[section] = json.loads(config[section].to_json_best_effort())
     out["sft"].pop("cache_dir", None)
+    if not out["sft"].get("target_pass"):  # keys added later, at their off values: older caches stay valid
+        out["sft"].pop("target_pass", None)
+        out["sft"].pop("check_every", None)
     out["max_new_tokens"] = config.rollout.max_new_tokens
     return out
 
@@ -130,9 +162,10 @@ def cached_warm_start(graphdef, params, rest, task, tokenizer, *, config, mesh):
             restored = ckptr.restore(os.path.join(cache, "params"), target)
         log.info(f"warm start: reused {cache}")
         return restored
-    log.info(f"warm start: {s.steps} supervised steps (demo only; see sft.py)")
+    until = f", stopping once the probe's pass rate reaches {s.target_pass}" if s.target_pass else ""
+    log.info(f"warm start: up to {s.steps} supervised steps{until} (demo only; see sft.py)")
     t0 = time.time()
-    params = warm_start(
+    params, done, rate = warm_start(
         graphdef,
         params,
         rest,
@@ -147,9 +180,12 @@ def cached_warm_start(graphdef, params, rest, task, tokenizer, *, config, mesh):
         seed=config.seed,
         width=config.data.max_prompt_len + config.rollout.max_new_tokens,
         mesh=mesh,
-        log=lambda step, loss: log.info(f"  sft step {step}: loss {loss:.3f}"),
+        log=lambda step, loss, rate: log.info(f"  sft step {step}: loss {loss:.3f}, probe pass rate {rate:.3f}"),
+        target_pass=s.target_pass,
+        check_every=s.check_every,
     )
-    log.info(f"warm start done in {time.time() - t0:.0f}s")
+    reached = f", probe pass rate {rate:.3f}" if s.target_pass else ""
+    log.info(f"warm start done in {time.time() - t0:.0f}s: {done} steps{reached}")
     if cache:
         _save_cache(cache, params, stamp)
     return params
