@@ -114,7 +114,7 @@ def warm_start(
         return jax.tree.map(jnp.asarray, arrays)
 
     # The first rows, not a draw: the probe must not depend on the seed, so seeds stop at one criterion.
-    probe = on_mesh((ids[:probe_size], attn[:probe_size], tmask[:probe_size]))
+    probe = on_mesh((ids[:probe_size], attn[:probe_size], tmask[:probe_size])) if target_pass else None
     done, rate = 0, float("nan")
     for s in range(steps):
         idx = rng.choice(len(records), size=batch_size, replace=False)
@@ -162,6 +162,10 @@ def cached_warm_start(graphdef, params, rest, task, tokenizer, *, config, mesh):
             restored = ckptr.restore(os.path.join(cache, "params"), target)
         log.info(f"warm start: reused {cache}")
         return restored
+
+    def measured(rate):  # the probe runs only with a target; without one there is no rate to report
+        return f", probe pass rate {rate:.3f}" if s.target_pass else ""
+
     until = f", stopping once the probe's pass rate reaches {s.target_pass}" if s.target_pass else ""
     log.info(f"warm start: up to {s.steps} supervised steps{until} (demo only; see sft.py)")
     t0 = time.time()
@@ -180,12 +184,11 @@ def cached_warm_start(graphdef, params, rest, task, tokenizer, *, config, mesh):
         seed=config.seed,
         width=config.data.max_prompt_len + config.rollout.max_new_tokens,
         mesh=mesh,
-        log=lambda step, loss, rate: log.info(f"  sft step {step}: loss {loss:.3f}, probe pass rate {rate:.3f}"),
+        log=lambda step, loss, rate: log.info(f"  sft step {step}: loss {loss:.3f}{measured(rate)}"),
         target_pass=s.target_pass,
         check_every=s.check_every,
     )
-    reached = f", probe pass rate {rate:.3f}" if s.target_pass else ""
-    log.info(f"warm start done in {time.time() - t0:.0f}s: {done} steps{reached}")
+    log.info(f"warm start done in {time.time() - t0:.0f}s: {done} steps{measured(rate)}")
     if cache:
         _save_cache(cache, params, stamp)
     return params
