@@ -29,6 +29,7 @@ from conspo_jax.rewards import Verdict, default_pool
 from conspo_jax.rollout.engine import MockEngine, RolloutEngine, reverse_echo_script
 from conspo_jax.rollout.jax_engine import JaxEngine
 from conspo_jax.validation import validate_config
+from conspo_jax.xla_cache import host_cache_dir
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -43,8 +44,12 @@ def enable_compilation_cache(config) -> None:
     """Persists compiled XLA programs so a resumed or repeated run skips recompilation.
 
     ``JAX_COMPILATION_CACHE_DIR`` in the environment wins over ``config.xla_cache_dir``; '' disables.
+    The config's directory gets a subdirectory per host CPU (``conspo_jax.xla_cache``), so machines
+    that share a home directory never load each other's native code.
     """
-    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser(config.xla_cache_dir)
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or (
+        host_cache_dir(config.xla_cache_dir) if config.xla_cache_dir else ""
+    )
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -2,6 +2,8 @@
 
 import os
 
+from conspo_jax.xla_cache import host_cache_dir
+
 # Must be set before jax initialises its backends; harmless for tests that use one device.
 # Optimisation level 0: tests run tiny models, where LLVM time dominates; it halves compile time.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
@@ -15,6 +17,8 @@ SHARED_DATA = os.environ.get("CONSPO_DATA_DIR") or os.path.abspath(
 )
 
 # Identical XLA programs (the same tiny model compiled by several tests) are compiled once per session.
+# Keyed by the host CPU: a /tmp inherited from another machine must not feed this one its native code
+# (the suspected cause of a CI worker that crashed in a sharded decode test; conspo_jax/xla_cache.py).
 os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "conspo_jax_test_xla")
+    "JAX_COMPILATION_CACHE_DIR", host_cache_dir(os.path.join(os.environ.get("TMPDIR", "/tmp"), "conspo_jax_test_xla"))
 )
