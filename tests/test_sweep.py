@@ -169,6 +169,12 @@ def test_report_parameter_study(tmp_path):
     assert tau[1.0]["final"]["mean"] == pytest.approx(0.35) and tau[10.0]["final"]["mean"] == pytest.approx(0.55)
     assert tau[1.0]["final"]["ci95"] == pytest.approx(T975[1] * np.std([0.3, 0.4], ddof=1) / math.sqrt(2), rel=1e-3)
     assert [e["value"] for e in res["figure2"]["max_margin"]] == [0.01]
+    # Paired by seed against the defaults run: 0.3 - 0.5 and 0.4 - 0.6, so -0.2 with no spread.
+    assert tau[1.0]["diff_final"]["mean"] == pytest.approx(-0.2) and tau[1.0]["diff_final"]["ci95"] == pytest.approx(0)
+    assert tau[10.0]["diff_final"]["mean"] == pytest.approx(0.0)
+    md = (tmp_path / "table.md").read_text()
+    assert "| tau | 1 | 2 | 35.0 ± 63.5 | 35.0 ± 63.5 | -20.0 ± 0.0 | -20.0 ± 0.0 |" in md
+    assert "figure2,tau=1,2,0.35," in (tmp_path / "table.csv").read_text()
     assert [r["method"] for r in res["tables"]["table1"]] == ["base", "conspo"]  # tau=1 runs are not rows
     assert (tmp_path / "params.png").exists() and "| tau | 1 | 2 |" in (tmp_path / "table.md").read_text()
 
@@ -223,9 +229,13 @@ def test_quick_sweep_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
     assert "resumed from step 2" in (victim / "train.log").read_text()
     steps = [json.loads(x)["step"] for x in (victim / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]
-    # Finished: a third invocation launches nothing.
-    assert main(argv) == 0
+    # Finished: a third invocation launches nothing; another study's warm starts can be named.
+    assert main([*argv, "--warmstart_dir", str(tmp_path / "shared_ws")]) == 0
     assert "0 launched, 4 skipped" in capsys.readouterr().out
+    commands = [p["command"] for p in json.loads((work / "sweep.json").read_text())["points"]]
+    for c in commands:
+        seed = next(a.split("=")[1] for a in c if a.startswith("--config.seed="))
+        assert f"--config.sft.cache_dir={tmp_path / 'shared_ws'}/seed_{seed}" in c
 
     res = json.loads((work / "results.json").read_text())
     t1 = {r["method"]: r for r in res["tables"]["table1"]}

@@ -30,6 +30,13 @@ def define_flags(fv):
     flags.DEFINE_string("sweep", None, "Sweep module path.py[:arg] defining get_sweep(arg).", flag_values=fv)
     flags.DEFINE_string("workdir", None, "Study directory: runs/<point>, warmstart/, table.md, ...", flag_values=fv)
     flags.DEFINE_integer("workers", DEFAULT_WORKERS, "Training runs at a time.", flag_values=fv)
+    flags.DEFINE_string(
+        "warmstart_dir",
+        None,
+        "Warm-start cache root (default <workdir>/warmstart). Name another study's to start from the same "
+        "warm starts; one made under other settings is refused.",
+        flag_values=fv,
+    )
     flags.DEFINE_bool("report_only", False, "Only rewrite the tables and figures from finished runs.", flag_values=fv)
 
 
@@ -58,6 +65,7 @@ def run(fv) -> int:
             extra_overrides=extra,
             # until the trainer has sft.cache_dir, runs recompute the (identical, seeded) warm start
             warmstart_cache=_has_key(config, "sft.cache_dir"),
+            warmstart_dir=fv.warmstart_dir,
         )
     results = write_report(points, fv.workdir)
     print(f"[sweep] wrote {fv.workdir}/table.md ({len(results['runs'])}/{len(points)} runs)", flush=True)

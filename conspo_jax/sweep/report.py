@@ -142,14 +142,28 @@ def markdown_table(rows: list[dict], title: str) -> str:
 
 
 def param_study(runs: list[dict]) -> dict[str, list[dict]]:
-    """param -> [{value, final: MeanCI, best: MeanCI}] sorted by value, from points carrying ``params``."""
-    groups: dict[str, dict[float, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    """param -> [{value, final, best, diff_final, diff_best}] sorted by value, from points carrying ``params``.
+
+    ``diff_*`` is the paired difference to the defaults run of the same seed (the in-table point that
+    carries ``params``, which lies on every curve): seeds' warm starts differ, so the unpaired CIs are
+    wide while the paired ones show whether a setting moves the score."""
+    groups: dict[str, dict[float, dict[str, dict[int, float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(dict))
+    )
+    reference = {col: {r["seed"]: r[col] for r in runs if r["params"] and r["in_table"]} for col in COLUMNS}
     for r in runs:
         for param, value in r["params"].items():
             for col in COLUMNS:
-                groups[param][float(value)][col].append(r[col])
+                groups[param][float(value)][col][r["seed"]] = r[col]
     return {
-        param: [{"value": v, **{c: mean_ci(cols[c]) for c in COLUMNS}} for v, cols in sorted(by_value.items())]
+        param: [
+            {
+                "value": v,
+                **{c: mean_ci(cols[c].values()) for c in COLUMNS},
+                **{f"diff_{c}": paired_difference(cols[c], reference[c]) if reference[c] else None for c in COLUMNS},
+            }
+            for v, cols in sorted(by_value.items())
+        ]
         for param, by_value in groups.items()
     }
 
@@ -186,25 +200,41 @@ def plot_curves(runs: list[dict], methods: list[str], path: str) -> None:
 
 
 def plot_params(study: dict[str, list[dict]], path: str) -> None:
+    """Top row: accuracy against the value. Bottom row: the same, paired by seed against the defaults."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(study), figsize=(4 * len(study), 3.5), squeeze=False)
-    for ax, (param, entries) in zip(axes[0], study.items()):
+    fig, axes = plt.subplots(2, len(study), figsize=(4 * len(study), 6.5), squeeze=False, sharex="col")
+    for j, (param, entries) in enumerate(study.items()):
         x = np.arange(len(entries))
-        for col, offset in (("final", -0.1), ("best", 0.1)):
-            mean = np.array([100 * e[col].mean for e in entries])
-            half = np.nan_to_num(np.array([100 * e[col].half_width for e in entries]))
-            ax.errorbar(x + offset, mean, yerr=half, fmt="o-", capsize=3, label=col)
-        ax.set_xticks(x, [f"{e['value']:g}" for e in entries])
-        ax.set_xlabel(PARAM_LABELS.get(param, param))
-        ax.set_ylabel("held-out accuracy (%)")
+        for row, prefix, ylabel in ((0, "", "held-out accuracy (%)"), (1, "diff_", "minus defaults, paired (points)")):
+            ax = axes[row][j]
+            for col, offset in (("final", -0.1), ("best", 0.1)):
+                cis = [e[prefix + col] for e in entries]
+                mean = np.array([100 * c.mean if c else np.nan for c in cis])
+                half = np.nan_to_num(np.array([100 * c.half_width if c else np.nan for c in cis]))
+                ax.errorbar(x + offset, mean, yerr=half, fmt="o-", capsize=3, label=col)
+            if row == 1:
+                ax.axhline(0.0, color="grey", lw=0.8)
+            ax.set_ylabel(ylabel)
+        axes[1][j].set_xticks(x, [f"{e['value']:g}" for e in entries])
+        axes[1][j].set_xlabel(PARAM_LABELS.get(param, param))
     axes[0][0].legend()
+    axes[0][0].set_title("mean ± 95% CI over seeds", fontsize=9, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _csv_cells(row: dict) -> list:
+    """mean, ci95 for final, best and their paired differences; '' where a value does not exist."""
+    cells = []
+    for col in (*COLUMNS, *(f"diff_{c}" for c in COLUMNS)):
+        ci = row[col]
+        cells += ["", ""] if ci is None else [ci.mean, "" if math.isnan(ci.half_width) else ci.half_width]
+    return cells
 
 
 def _ci_json(ci: MeanCI | None):
@@ -227,10 +257,14 @@ def write_report(points: list[Point], workdir: str) -> dict:
         md += [markdown_table(rows, titles[key]), ""]
     if study:
         md += ["**Figure 2 in miniature** (ConSPO, held-out accuracy %, mean ± 95% CI)", ""]
-        md += ["| parameter | value | seeds | Final | Best |", "|---|---|---|---|---|"]
+        md += [
+            "| parameter | value | seeds | Final | Best | Final vs defaults (paired) | Best vs defaults (paired) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for param, entries in study.items():
             for e in entries:
-                md.append(f"| {param} | {e['value']:g} | {e['final'].n} | {fmt_ci(e['final'])} | {fmt_ci(e['best'])} |")
+                cells = [fmt_ci(e[c]) for c in COLUMNS] + [fmt_ci(e[f"diff_{c}"], signed=True) for c in COLUMNS]
+                md.append(f"| {param} | {e['value']:g} | {e['final'].n} | {' | '.join(cells)} |")
         md.append("")
         plot_params(study, os.path.join(workdir, "params.png"))
         md += ["![Figure 2](params.png)", ""]
@@ -255,17 +289,10 @@ def write_report(points: list[Point], workdir: str) -> dict:
         )
         for key, rows in tables.items():
             for r in rows:
-                cells = [key, r["method"], r["n"]]
-                for col in (*COLUMNS, *(f"diff_{c}" for c in COLUMNS)):
-                    ci = r[col]
-                    cells += ["", ""] if ci is None else [ci.mean, "" if math.isnan(ci.half_width) else ci.half_width]
-                w.writerow(cells)
+                w.writerow([key, r["method"], r["n"], *_csv_cells(r)])
         for param, entries in study.items():
             for e in entries:
-                cells = ["figure2", f"{param}={e['value']:g}", e["final"].n]
-                for col in COLUMNS:
-                    cells += [e[col].mean, "" if math.isnan(e[col].half_width) else e[col].half_width]
-                w.writerow(cells)
+                w.writerow(["figure2", f"{param}={e['value']:g}", e["final"].n, *_csv_cells(e)])
     results = {
         "runs": [{k: v for k, v in r.items() if k != "curves"} for r in runs],
         "missing": [p.name for p in points if p.name not in {r["name"] for r in runs}],
@@ -281,7 +308,8 @@ def write_report(points: list[Point], workdir: str) -> dict:
             for key, rows in tables.items()
         },
         "figure2": {
-            p: [{"value": e["value"], **{c: _ci_json(e[c]) for c in COLUMNS}} for e in es] for p, es in study.items()
+            p: [{"value": e["value"], **{c: _ci_json(e[c]) for c in (*COLUMNS, "diff_final", "diff_best")}} for e in es]
+            for p, es in study.items()
         },
     }
     with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -93,6 +93,7 @@ def run_sweep(
     workers: int = 1,
     extra_overrides: dict | None = None,
     warmstart_cache: bool = True,
+    warmstart_dir: str | None = None,
     progress_every_s: float = 30.0,
     log: Callable[[str], None] | None = None,
     poll_s: float = 0.2,
@@ -103,7 +104,8 @@ def run_sweep(
         raise ValueError(f"workers must be >= 1, got {workers!r}")
     say = log or (lambda msg: print(f"[sweep] {msg}", flush=True))
     runs_root = os.path.join(workdir, "runs")
-    cache_root = os.path.join(workdir, "warmstart") if warmstart_cache else None
+    # Another study's warm starts may be shared (--warmstart_dir): the fingerprint refuses a mismatch.
+    cache_root = (warmstart_dir or os.path.join(workdir, "warmstart")) if warmstart_cache else None
     os.makedirs(runs_root, exist_ok=True)
     commands = {
         p.name: train_command(
