@@ -1,8 +1,8 @@
 """Argument parsing shared by the sweep modules: ``quick``, ``seeds=N``, ``steps=N``, comma-separated."""
 
 QUICK_OVERRIDES = {"train.num_steps": 4, "train.ckpt_every": 2, "eval.every": 2}
-# Figure 1 (left): the GRPO and ConSPO runs dump per-rollout credit every this many steps (6 dumps of 300 steps).
-CREDIT_EVERY = {"quick": 2, "full": 50}
+# Figure 1 (left): the GRPO and ConSPO runs dump per-rollout credit every this many steps (6 dumps of 240 steps).
+CREDIT_EVERY = {"quick": 2, "full": 40}
 
 
 def credit_overrides(method, opts):
