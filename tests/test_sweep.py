@@ -9,10 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from matplotlib import image as plt_image
 
 from conspo_jax.configs import UsageError
 from conspo_jax.sweep import Point, load_sweep, mean_ci, paired_difference, train_command, write_report
-from conspo_jax.sweep.report import ranks
+from conspo_jax.sweep.report import collect, curve_stats, ranks
 from conspo_jax.sweep.runner import estimate_remaining, launch_order, run_state, worker_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,6 +146,10 @@ def test_report_tables_from_fixed_runs(tmp_path):
     assert t1["conspo"]["diff_final"] is None
     assert [r["method"] for r in res["tables"]["table6"]] == ["conspo", "conspo_no_margin"]
     assert res["missing"] == ["cispo_s0"]
+    # The curves' paired column: GRPO - ConSPO per seed at every eval step (step 1: the final gap + 0.06).
+    steps, mean, half = curve_stats(collect(points, str(tmp_path)), "grpo", "eval/accuracy", reference="conspo")
+    assert steps.tolist() == [0, 1, 2] and mean == pytest.approx([0.0, -0.04, -0.10])
+    assert half[2] == pytest.approx(T975[2] * 0.05 / math.sqrt(3), rel=1e-3)
     md = (tmp_path / "table.md").read_text()
     # Best in bold, runner-up underlined; GRPO's best is a mid-training eval, ConSPO's its final one.
     assert "| ConSPO | 3 | **55.0 ± 12.4** | **55.0 ± 12.4** |  |  |" in md
@@ -153,7 +158,8 @@ def test_report_tables_from_fixed_runs(tmp_path):
     assert "| w/o scheduled margin | 3 | <u>53.3 ± 10.3</u> |" in md
     csv_rows = (tmp_path / "table.csv").read_text().splitlines()
     assert csv_rows[0].startswith("table,method,seeds,final_mean,final_ci95") and len(csv_rows) == 1 + 3 + 2
-    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    # Two rows of curves (Table 1's methods, then the ablations with ConSPO), each 4 in at 120 dpi.
+    assert plt_image.imread(tmp_path / "curves.png").shape[:2] == (2 * 4 * 120, 16 * 120)
     assert not (tmp_path / "figure1.png").exists()  # no run wrote credit dumps
 
 

@@ -168,32 +168,71 @@ def param_study(runs: list[dict]) -> dict[str, list[dict]]:
     }
 
 
-def curve_stats(runs: list[dict], method: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Steps logged by every seed of ``method``, with the mean and CI half-width of ``key`` there."""
-    series = [dict(r["curves"][key]) for r in runs if r["method"] == method and r["in_table"]]
+def curve_stats(
+    runs: list[dict], method: str, key: str, reference: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps logged by every seed of ``method``, with the mean and CI half-width of ``key`` there; with
+    ``reference``, of ``method`` minus ``reference`` paired by seed (the seeds and steps both logged)."""
+
+    def by_seed(m):
+        return {r["seed"]: dict(r["curves"][key]) for r in runs if r["method"] == m and r["in_table"]}
+
+    series = by_seed(method)
+    if reference is not None:
+        ref = by_seed(reference)
+        series = {s: {t: v - ref[s][t] for t, v in c.items() if t in ref[s]} for s, c in series.items() if s in ref}
     if not series:
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    steps = sorted(set.intersection(*(set(s) for s in series)))
-    cis = [mean_ci([s[t] for s in series]) for t in steps]
+    steps = sorted(set.intersection(*(set(c) for c in series.values())))
+    cis = [mean_ci([c[t] for c in series.values()]) for t in steps]
     return np.array(steps), np.array([c.mean for c in cis]), np.nan_to_num(np.array([c.half_width for c in cis]))
 
 
-def plot_curves(runs: list[dict], methods: list[str], path: str) -> None:
+def _moving_average(steps: np.ndarray, y: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+    w = max(1, min(window, y.size))
+    return steps[w - 1 :], np.convolve(y, np.ones(w) / w, mode="valid")
+
+
+def plot_curves(runs: list[dict], groups: dict[str, list[str]], path: str, smooth: int = 10) -> None:
+    """One row per group of methods (Table 1's, then the ablations'): the train reward (mean over seeds,
+    a ``smooth``-step moving average), held-out accuracy (mean ± 95% CI) and held-out accuracy minus
+    ConSPO's, paired by seed. The unpaired bands mostly show how far RL carries each seed; the paired
+    column is the comparison the tables make. A method keeps its colour in every row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in zip(axes, ("reward/mean", "eval/accuracy"), ("train reward (mean)", "held-out accuracy")):
+    groups = {title: ms for title, ms in groups.items() if ms}
+    palette = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]
+    colors = {
+        m: palette[i % len(palette)] for i, m in enumerate(dict.fromkeys(m for ms in groups.values() for m in ms))
+    }
+    paired = any(m != REFERENCE for ms in groups.values() for m in ms)  # else the third column is empty
+    fig, axes = plt.subplots(len(groups), 2 + paired, figsize=(11 + 5 * paired, 4 * len(groups)), squeeze=False)
+    for row, (title, methods) in zip(axes, groups.items()):
         for m in methods:
-            steps, mean, half = curve_stats(runs, m, key)
+            label, color = DISPLAY.get(m, m), colors[m]
+            steps, mean, _ = curve_stats(runs, m, "reward/mean")
             if steps.size:
-                (line,) = ax.plot(steps, mean, label=DISPLAY.get(m, m), marker="o" if key == "eval/accuracy" else None)
-                ax.fill_between(steps, mean - half, mean + half, color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("step")
-        ax.set_title(f"{title}, mean ± 95% CI")
-    axes[1].legend(fontsize=7)
+                row[0].plot(*_moving_average(steps, mean, smooth), color=color, label=label)
+            panels = ((row[1], None), (row[2], REFERENCE)) if m != REFERENCE else ((row[1], None),)
+            for ax, ref in panels:
+                steps, mean, half = curve_stats(runs, m, "eval/accuracy", reference=ref)
+                if steps.size:
+                    ax.plot(steps, 100 * mean, color=color, label=label, marker="o", ms=3)
+                    ax.fill_between(steps, 100 * (mean - half), 100 * (mean + half), color=color, alpha=0.15)
+        if paired:
+            row[2].axhline(0.0, color="grey", lw=0.8)
+        titles = (
+            f"train reward, mean over seeds ({smooth}-step average)",
+            "held-out accuracy %, mean ± 95% CI",
+            f"minus {DISPLAY.get(REFERENCE, REFERENCE)}, paired by seed (points)",
+        )
+        for ax, what in zip(row, titles):
+            ax.set_xlabel("step")
+            ax.set_title(f"{title}: {what}", fontsize=9)
+        row[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -269,7 +308,10 @@ def write_report(points: list[Point], workdir: str) -> dict:
         plot_params(study, os.path.join(workdir, "params.png"))
         md += ["![Figure 2](params.png)", ""]
     if runs:
-        plot_curves(runs, [m for m in order], os.path.join(workdir, "curves.png"))
+        groups = {"methods": [m for m in order if m not in ABLATIONS]}
+        if len(ablation) > 1:
+            groups["ablations"] = ablation
+        plot_curves(runs, groups, os.path.join(workdir, "curves.png"))
         md += ["![curves](curves.png)", ""]
     finished = {r["name"] for r in runs}
     credit_runs = {
