@@ -194,10 +194,10 @@ def _moving_average(steps: np.ndarray, y: np.ndarray, window: int) -> tuple[np.n
 
 
 def plot_curves(runs: list[dict], groups: dict[str, list[str]], path: str, smooth: int = 10) -> None:
-    """One row per group of methods (Table 1's, then the ablations'): the train reward (mean over seeds,
-    a ``smooth``-step moving average), held-out accuracy (mean ± 95% CI) and held-out accuracy minus
-    ConSPO's, paired by seed. The unpaired bands mostly show how far RL carries each seed; the paired
-    column is the comparison the tables make. A method keeps its colour in every row."""
+    """One row per group of methods (Table 1's, then the ablations'): the train reward (mean ± 95% CI
+    over seeds, both as a ``smooth``-step moving average), held-out accuracy (mean ± 95% CI) and
+    held-out accuracy minus ConSPO's, paired by seed. The unpaired bands mostly show how far RL carries
+    each seed; the paired column is the comparison the tables make. A method keeps its colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,9 +213,11 @@ def plot_curves(runs: list[dict], groups: dict[str, list[str]], path: str, smoot
     for row, (title, methods) in zip(axes, groups.items()):
         for m in methods:
             label, color = DISPLAY.get(m, m), colors[m]
-            steps, mean, _ = curve_stats(runs, m, "reward/mean")
+            steps, mean, half = curve_stats(runs, m, "reward/mean")
             if steps.size:
-                row[0].plot(*_moving_average(steps, mean, smooth), color=color, label=label)
+                (x, mean), (_, half) = _moving_average(steps, mean, smooth), _moving_average(steps, half, smooth)
+                row[0].plot(x, mean, color=color, label=label)
+                row[0].fill_between(x, mean - half, mean + half, color=color, alpha=0.08)
             panels = ((row[1], None), (row[2], REFERENCE)) if m != REFERENCE else ((row[1], None),)
             for ax, ref in panels:
                 steps, mean, half = curve_stats(runs, m, "eval/accuracy", reference=ref)
@@ -225,7 +227,7 @@ def plot_curves(runs: list[dict], groups: dict[str, list[str]], path: str, smoot
         if paired:
             row[2].axhline(0.0, color="grey", lw=0.8)
         titles = (
-            f"train reward, mean over seeds ({smooth}-step average)",
+            f"train reward, mean ± 95% CI ({smooth}-step average)",
             "held-out accuracy %, mean ± 95% CI",
             f"minus {DISPLAY.get(REFERENCE, REFERENCE)}, paired by seed (points)",
         )
