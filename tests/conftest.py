@@ -18,7 +18,7 @@ SHARED_DATA = os.environ.get("CONSPO_DATA_DIR") or os.path.abspath(
 
 # Identical XLA programs (the same tiny model compiled by several tests) are compiled once per session.
 # Keyed by the host CPU: a /tmp inherited from another machine must not feed this one its native code
-# (the suspected cause of a CI worker that crashed in a sharded decode test; conspo_jax/xla_cache.py).
+# (conspo_jax/xla_cache.py).
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", host_cache_dir(os.path.join(os.environ.get("TMPDIR", "/tmp"), "conspo_jax_test_xla"))
 )

@@ -1,5 +1,6 @@
 """The persistent compilation cache is keyed by the host CPU, so machines never share native code."""
 
+import os
 import subprocess
 import sys
 
@@ -30,6 +31,6 @@ def test_the_trainer_enables_the_host_directory(tmp_path):
         f"build.enable_compilation_cache(ConfigDict(dict(xla_cache_dir={str(tmp_path)!r})));"
         "print(jax.config.jax_compilation_cache_dir)"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == xla_cache.host_cache_dir(str(tmp_path))
