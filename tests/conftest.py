@@ -4,9 +4,22 @@ import os
 
 from conspo_jax.xla_cache import host_cache_dir
 
+# $CONSPO_TEST_XLA_FLAGS changes XLA's CPU code generation for the whole suite, subprocesses included (for
+# example --xla_cpu_max_isa=SSE4_2): floating-point results then differ as they do on another processor
+# model, which no test may depend on (CONTRIBUTING.md, "Tests that hold on any CPU").
+CODEGEN_XLA_FLAGS = os.environ.get("CONSPO_TEST_XLA_FLAGS", "").strip()
+
+
+def xla_flags(*flags: str) -> str:
+    """An XLA_FLAGS value for a test's subprocess: its own flags, then the suite's code-generation flags."""
+    return " ".join(f for f in (*flags, CODEGEN_XLA_FLAGS) if f)
+
+
 # Must be set before jax initialises its backends; harmless for tests that use one device.
 # Optimisation level 0: tests run tiny models, where LLVM time dominates; it halves compile time.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+os.environ.setdefault(
+    "XLA_FLAGS", xla_flags("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0")
+)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -14,6 +14,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
     "--config",
@@ -33,7 +35,7 @@ def _env(devices):
         PYTHONPATH=ROOT,
         JAX_PLATFORMS="cpu",
         JAX_NUM_CPU_DEVICES=str(devices),
-        XLA_FLAGS="--xla_backend_optimization_level=0",  # not conftest's 8 host devices
+        XLA_FLAGS=xla_flags("--xla_backend_optimization_level=0"),  # not conftest's 8 host devices
     )
     return env
 
@@ -75,10 +77,11 @@ def _wait(jobs):
                 j.kill()
     for j, out in zip(jobs, outs):
         assert j.returncode == 0, out[-3000:]
+    return outs
 
 
 def _run(workdir, procs, *extra):
-    _wait(_start(workdir, procs, *extra))
+    return _wait(_start(workdir, procs, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +118,16 @@ def _assert_same(a, b):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, sft_cache):
     workdir = str(tmp_path_factory.mktemp("one"))
-    _run(workdir, 1, sft_cache)
+    (out,) = _run(workdir, 1, sft_cache)
+    # The run's first line names it before the slow parts (the policy, the warm start) begin.
+    first = next(line for line in out.splitlines() if line.startswith("[conspo]"))
+    assert first.startswith("[conspo] conspo on tiny-qwen2 (arith task) in "), out[:2000]
+    assert out.index(first) < out.index("[conspo] policy:") < out.index("[conspo] warm start"), out[:2000]
+    # What the comparisons assert is equality with this run. For that to mean much, RL must move the
+    # parameters at some step; which steps do depends on the processor's rounding (one step of 4 had no
+    # mixed group on one machine), so only "some step" is asked of a single trajectory.
     rows = _rows(workdir)
-    assert all(r["grad_norm"] > 0 for r in rows[1:]), "RL must move the parameters for the comparison to mean much"
+    assert any(r["grad_norm"] > 0 for r in rows[1:]), [r["grad_norm"] for r in rows[1:]]
     return workdir
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tests.conftest import xla_flags
+
 nbclient = pytest.importorskip("nbclient", reason="nbclient is part of the [test] extra")
 pytest.importorskip("ipykernel", reason="ipykernel is part of the [test] extra")
 
@@ -39,7 +41,7 @@ def kernel_name(tmp_path_factory):
         mp.setenv("JUPYTER_PLATFORM_DIRS", "1")
         mp.delenv("MPLBACKEND", raising=False)  # the kernel then uses its headless inline backend
         # One CPU device is plenty for a notebook; keeps the kernel's start-up light.
-        mp.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+        mp.setenv("XLA_FLAGS", xla_flags("--xla_force_host_platform_device_count=1"))
         yield KERNEL
 
 

@@ -63,10 +63,12 @@ def test_resume_is_bit_identical(name, hparams, warm_cache, tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     if hparams.get("beta"):
-        # The parameters had left the reference before the stop, so a reference re-copied from the
-        # resumed parameters would have shown KL 0 at step 3 and broken the equality above.
-        kl = [r["objective/ref_kl"] for r in _rows(full)]
-        assert kl[2] > 0, kl
+        # Once the parameters have left the reference (a step before the stop had a gradient), KL at step 3 is
+        # positive, so a reference re-copied from the resumed parameters (KL 0) would break the equality above.
+        # Which steps have a gradient depends on the processor's rounding, so this is asserted as an implication.
+        rows = _rows(full)
+        if any(r["grad_norm"] > 0 for r in rows[:2]):
+            assert rows[2]["objective/ref_kl"] > 0, [(r["grad_norm"], r["objective/ref_kl"]) for r in rows]
 
 
 def test_resume_with_another_config_is_refused_naming_the_keys(warm_cache, tmp_path):

@@ -21,6 +21,7 @@ from conspo_jax.rollout import MockEngine, SamplingParams
 from conspo_jax.rollout import decode as D
 from conspo_jax.rollout.jax_engine import JaxEngine
 from conspo_jax.rollout.sampling import _truncate, first_max_index, sample_tokens, truncate_sorted
+from tests.conftest import xla_flags
 
 FAST = {"xla_backend_optimization_level": 0}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,6 +213,8 @@ print("sharded ok", got.num_rows)
 def test_sharded_engine_matches_single_device():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4", JAX_ENABLE_COMPILATION_CACHE="false")
+    if xla_flags():  # XLA's default optimisation, with the suite's code-generation flags if it has any
+        env["XLA_FLAGS"] = xla_flags()
     for attempt in (1, 2):  # a second fresh process only after a native crash, which is reported either way
         proc = subprocess.run(
             [sys.executable, "-c", SHARDED_WORKER, json.dumps(PROMPTS)],

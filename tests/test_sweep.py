@@ -15,6 +15,7 @@ from conspo_jax.configs import UsageError
 from conspo_jax.sweep import Point, load_sweep, mean_ci, paired_difference, train_command, write_report
 from conspo_jax.sweep.report import collect, curve_stats, ranks
 from conspo_jax.sweep.runner import estimate_remaining, launch_order, run_state, worker_env
+from tests.conftest import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Student t quantiles t_{0.975, df} from a printed table (not from scipy, which the code uses).
@@ -198,7 +199,7 @@ def test_quick_sweep_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(REPO)
     # The children: one CPU device, fast compiles (the tests' conftest asks for 8 host devices).
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    monkeypatch.setenv("XLA_FLAGS", xla_flags("--xla_backend_optimization_level=0"))
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     work = tmp_path / "study"
     argv = [
