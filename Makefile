@@ -2,22 +2,38 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The stamp's name changes with setup.cfg, so editing dependencies reinstalls.
-STAMP := $(VENV)/.installed-$(shell cksum setup.cfg | cut -d' ' -f1)
+# The stamps' names change with setup.cfg, so editing dependencies reinstalls. TRAIN_STAMP: what training
+# needs (the package alone); STAMP: that plus the [test] extra (pytest, torch for the parity tests, ruff).
+SUM := $(shell cksum setup.cfg | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(SUM)
+TRAIN_STAMP := $(VENV)/.installed-train-$(SUM)
 PYTEST_ARGS ?= -n 2 --durations=15
+# XLA CPU code-generation settings that `make test-portable` runs the suite under (CONTRIBUTING.md).
+PORTABLE_XLA_FLAGS ?= --xla_cpu_max_isa=AVX2 --xla_cpu_max_isa=SSE4_2
 
-.PHONY: env test lint wheel-smoke train bench-objectives bench-logprob bench-gpu notebooks proto
+.PHONY: env test test-portable lint wheel-smoke train bench-objectives bench-logprob bench-gpu notebooks proto
+
+$(TRAIN_STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	rm -f $(VENV)/.installed-train-* && touch $@
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
-	rm -f $(VENV)/.installed-* && touch $@
+	rm -f $(VENV)/.installed-* && touch $@ $(TRAIN_STAMP)
 
 env: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+# The suite once per code-generation setting: floating-point results move as on another processor model.
+test-portable: $(STAMP)
+	set -e; for f in $(PORTABLE_XLA_FLAGS); do echo "== CONSPO_TEST_XLA_FLAGS=$$f"; \
+	  CONSPO_TEST_XLA_FLAGS=$$f $(BIN)/python -m pytest $(PYTEST_ARGS) tests; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -27,7 +43,7 @@ lint: $(STAMP)
 wheel-smoke: $(STAMP)
 	scripts/wheel_smoke.sh $(BIN)/python
 
-train: $(STAMP)
+train: $(TRAIN_STAMP)
 	$(BIN)/conspo train --config experiments/arith_tiny.py --workdir runs/arith_tiny
 
 bench-objectives: $(STAMP)
