@@ -152,8 +152,23 @@ def build_task(config, tokenizer) -> Task:
             verify=_arith_verify,
             sft_target=lambda r: arith.arith_target(r["answer"]),
         )
-    train = load_dataset_spec(config.data.train, fmt=config.data.train_format or None)
-    return Task(train, [], encode=lambda r: encode_prompt(r["problem"], tokenizer), verify=_math_verify)
+    d = config.data
+    train, held_out = _math_records(config, d.train, "train", d.num_train), []
+    if d.eval:  # a held-out set, evaluated like the synthetic task's (eval/accuracy, eval/boxed_rate)
+        held_out = _math_records(config, d.eval, "eval", config.eval.num_problems)
+    return Task(train, held_out, encode=lambda r: encode_prompt(r["problem"], tokenizer), verify=_math_verify)
+
+
+def _math_records(config, spec: str, split: str, num: int) -> list:
+    """``data.train`` / ``data.eval`` of the math task: 'arith_nl' (generated, split by problem) or a data set."""
+    d = config.data
+    if spec == "arith_nl":
+        try:
+            return arith.make_arith_nl_records(split, num=num, seed=config.seed, max_operand=d.max_operand, ops=d.ops)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    records = load_dataset_spec(spec, fmt=(d.train_format if split == "train" else "") or None)
+    return records[:num] if split == "eval" and num else records
 
 
 def stop_token_ids(tokenizer, policy_config) -> tuple:
@@ -198,6 +213,8 @@ def _jax_engine(config, policy, tokenizer, mesh, *, version, **overrides):
         load_options=dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], mesh=mesh),
         decode_rows=config.rollout.decode_rows,
         decode_chunk=config.rollout.decode_chunk,
+        # A real model's rollouts take tens of seconds on a CPU: those show a bar, a tiny model's stay quiet.
+        progress_after_s=5.0 if config.train.progress_bar else None,
     )
     opts.update(overrides)
     return JaxEngine(policy, **opts)

@@ -190,6 +190,7 @@ def run_decode(
     processes=1,
     rank=0,
     row_align=1,
+    on_chunk=None,
 ):
     """Decodes n samples of each (left-padded) prompt on `rows` device rows with refill and compaction.
     Returns numpy (ids_RxC, logp_RxC, lens_R, stopped_R) in prompt-major order, C = max_new.
@@ -201,7 +202,8 @@ def run_decode(
     fix shapes or the number of device calls (row counts, prefill buckets, compaction, the attention
     window, when to stop) are agreed with one small allgather per round. ``row_align`` (this process's
     data shards) keeps every local block a whole number of shards. One process: exactly the loop it
-    always was.
+    always was. ``on_chunk(finished_pairs, total_pairs, tokens)``, if given, is called after every device
+    call with this process's counts (a progress bar's hook).
     """
     from conspo_jax.models import init_kv_cache
 
@@ -241,6 +243,8 @@ def run_decode(
             if done_N[j]:
                 stopped_R[pair] = stopped_N[j]
                 owner_B[r] = -1
+        if on_chunk is not None:
+            on_chunk(next_pair - int(np.count_nonzero(owner_B >= 0)), total, int(lens_R.sum()))
 
     while True:
         while True:  # refill free rows while any process has pending pairs and free rows

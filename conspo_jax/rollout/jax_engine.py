@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,8 @@ class JaxEngine(RolloutEngine):
     decode_chunk: decode steps per jitted chunk (the refill / early-exit granularity).
     decode_shrink: once no pairs are pending, compact the live rows into a smaller row bucket.
     decode_compiler_options: XLA options for the decode programs (tests skip backend optimisation).
+    progress_after_s: a call still running after this many seconds shows a progress bar (finished samples,
+    tokens/s, ETA) on stderr; None: never.
     """
 
     decode_rows: int | None = None
@@ -44,6 +47,7 @@ class JaxEngine(RolloutEngine):
     decode_shrink: bool = True
     decode_min_rows: int = 8
     decode_compiler_options: dict | None = None
+    progress_after_s: float | None = None
 
     def __init__(
         self,
@@ -58,8 +62,10 @@ class JaxEngine(RolloutEngine):
         load_options: dict | None = None,
         decode_rows: int | None = None,
         decode_chunk: int = 16,
+        progress_after_s: float | None = None,
     ):
         self.graphdef, self.state = nnx.split(policy)
+        self.progress_after_s = progress_after_s
         self.eos_token_ids = tuple(int(t) for t in np.atleast_1d(eos_token_ids))
         self.pad_id, self.mesh, self.bucket = pad_id, mesh, prompt_bucket
         self.cache_dtype, self.version = cache_dtype, version
@@ -141,7 +147,42 @@ class JaxEngine(RolloutEngine):
             mask_PxQ[p, plen - len(toks) :] = 1
         rows = min(len(prompts) * params.n, self.decode_rows or len(prompts) * params.n)
         state, config = self._sampling_state()
-        ids, logp, lens, stopped = run_decode(
+        bar, on_chunk = self._progress(len(prompts) * params.n)
+        try:
+            ids, logp, lens, stopped = self._decode(
+                params, state, config, prompt_PxQ, mask_PxQ, rows, stop_ids, on_chunk
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        return Rollouts(
+            completion_ids_RxC=np.asarray(ids, np.int32),
+            completion_lens_R=np.asarray(lens, np.int32),
+            logprobs_RxC=np.asarray(logp, np.float32),
+            finish_reasons=[FINISH_STOP if s else FINISH_LENGTH for s in stopped],
+            group_ids_R=np.repeat(np.arange(len(prompts), dtype=np.int32), params.n),
+            weight_version=self.version,
+            pad_id=self.pad_id,
+        )
+
+    def _progress(self, total):
+        """(tqdm bar, run_decode's on_chunk hook), or (None, None) without progress_after_s."""
+        if self.progress_after_s is None or not distributed.is_primary():
+            return None, None
+        from tqdm.auto import tqdm
+
+        # tqdm's delay keeps calls shorter than progress_after_s silent (a tiny model's step).
+        bar = tqdm(total=total, desc="generate", unit="sample", delay=self.progress_after_s, leave=False)
+        start = time.monotonic()
+
+        def on_chunk(done, total, tokens):
+            bar.set_postfix_str(f"{tokens / max(time.monotonic() - start, 1e-9):.0f} tok/s", refresh=False)
+            bar.update(done - bar.n)
+
+        return bar, on_chunk
+
+    def _decode(self, params, state, config, prompt_PxQ, mask_PxQ, rows, stop_ids, on_chunk):
+        return run_decode(
             self._fn(params.max_new_tokens),
             state=state,
             config=config,
@@ -158,16 +199,8 @@ class JaxEngine(RolloutEngine):
             place=self._place,
             shrink=self.decode_shrink,
             min_rows=self.decode_min_rows,
+            on_chunk=on_chunk,
             **self._process_layout(),
-        )
-        return Rollouts(
-            completion_ids_RxC=np.asarray(ids, np.int32),
-            completion_lens_R=np.asarray(lens, np.int32),
-            logprobs_RxC=np.asarray(logp, np.float32),
-            finish_reasons=[FINISH_STOP if s else FINISH_LENGTH for s in stopped],
-            group_ids_R=np.repeat(np.arange(len(prompts), dtype=np.int32), params.n),
-            weight_version=self.version,
-            pad_id=self.pad_id,
         )
 
 

@@ -72,10 +72,19 @@ class Trainer:
             os.makedirs(workdir, exist_ok=True)
         except OSError as e:  # a path under a file, no permission, ...
             raise UsageError(f"--workdir {workdir!r}: {e.strerror or e}") from None
+        m = config.model
+        # The first line comes before anything slow (loading a real model, compiling), so a run never sits silent.
+        log.info(f"{config.objective.name} on {m.path or m.arch} ({config.task} task) in {workdir}")
         self.tokenizer = build.build_tokenizer(config)
         self.task = build.build_task(config, self.tokenizer)
         self.mesh = build.build_mesh(config)
+        t0 = time.time()
         policy = build.build_policy(config, self.tokenizer, self.mesh, seed=config.seed)
+        log.info(
+            f"policy: {policy.config.num_params() / 1e6:.1f}M parameters, {m.dtype} compute, built in "
+            f"{time.time() - t0:.1f}s; {len(self.task.train_records)} training prompts, "
+            f"{len(self.task.eval_records)} held out"
+        )
         self.stop_ids = build.stop_token_ids(self.tokenizer, policy.config)
         self.graphdef, params, self.rest = nnx.split(policy, nnx.Param, ...)
 
@@ -475,7 +484,7 @@ class Trainer:
             top_p=e.top_p,
             stop_token_ids=self.stop_ids,
             label=f"step {step}",
-            progress=False,
+            progress=c.train.progress_bar,
             encode=self.task.encode,
             verify=self.task.verify,
         )
@@ -491,7 +500,9 @@ class Trainer:
                 rows_per_call=max(256, len(self.task.eval_records) * e.n),
                 **opts,
             )
-            return {"eval/accuracy": res["benchmarks"][HELD_OUT]["score"] / 100.0}
+            held_out = res["benchmarks"][HELD_OUT]
+            # The boxed rate beside the accuracy tells format learning from getting answers right.
+            return {"eval/accuracy": held_out["score"] / 100.0, "eval/boxed_rate": 1.0 - held_out["no_box_frac"]}
         names = [b for b in str(e.benchmarks).split(",") if b]
         if not names:
             return {}
