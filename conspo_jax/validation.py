@@ -171,6 +171,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "mesh.tensor": integer(1, also=(-1,)),
     "data.train": string,
     "data.train_format": choice(DATA_FORMATS),
+    "data.eval": string,
     "data.max_prompt_len": integer(1),
     "data.num_epochs": integer(1),
     "data.shuffle": boolean,
@@ -349,7 +350,8 @@ def _check_math_data(config) -> None:
 
     spec = _get(config, "data.train")
     fmt = _get(config, "data.train_format") or None
-    if isinstance(spec, str) and not spec.startswith("hf:"):  # hub datasets are not fetched here
+    # hub datasets are not fetched here; 'arith_nl' is generated (its size is data.num_train)
+    if isinstance(spec, str) and not spec.startswith("hf:") and spec != "arith_nl":
         try:
             records = math_data.load_dataset_spec(spec, fmt=fmt)
         except UsageError as e:
@@ -359,6 +361,12 @@ def _check_math_data(config) -> None:
             raise UsageError(
                 f"rollout.prompts_per_step={per_step} exceeds the {len(records)} training prompts of data.train={spec!r}"
             )
+    held_out = _get(config, "data.eval")
+    if isinstance(held_out, str) and held_out and not held_out.startswith("hf:") and held_out != "arith_nl":
+        try:
+            math_data.load_dataset_spec(held_out, limit=1)
+        except UsageError as e:
+            raise UsageError(f"data.eval={held_out!r}: {e}") from None
     every, at_start = _get(config, "eval.every"), _get(config, "eval.at_start")
     benchmarks = _get(config, "eval.benchmarks")
     if benchmarks is _MISSING or not (every or at_start is True):

@@ -125,3 +125,45 @@ def test_math_training_path_end_to_end(tmp_path):
     assert "eval/aime24" in rows[0] and "eval/aime24" in rows[1]
     assert os.path.exists(os.path.join(workdir, "eval", "step_1", "samples.jsonl"))
     assert os.path.exists(os.path.join(workdir, "hf", "config.json"))
+
+
+def test_math_task_held_out_set_reports_accuracy_and_boxed_rate(tmp_path):
+    """data.eval on the math task: a held-out set evaluated with math-verify like the synthetic task's, with the
+    boxed-answer rate beside the accuracy; 'arith_nl' (the synthetic problems in words) keeps its splits apart."""
+    from conspo_jax import build
+    from conspo_jax.data.arith import make_arith_nl_records
+    from conspo_jax.models import get_model_config, init_policy, save_hf_policy
+    from conspo_jax.train.config_base import base_config
+    from conspo_jax.train.metrics import read_metrics
+    from conspo_jax.train.trainer import train
+
+    train_recs, eval_recs = (make_arith_nl_records(s, num=50, seed=3, max_operand=20) for s in ("train", "eval"))
+    assert not {r["problem"] for r in train_recs} & {r["problem"] for r in eval_recs}
+    for r in train_recs[:20]:
+        a, op, b = r["problem"].removeprefix("What is ").removesuffix("?").split()
+        assert int(r["answer"]) == (int(a) + int(b) if op == "plus" else int(a) - int(b)), r
+
+    ckpt = str(tmp_path / "tiny")
+    tok = _byte_tokenizer()
+    arch = get_model_config(
+        "tiny-qwen2", vocab_size=320, num_layers=1, max_position_embeddings=512, eos_token_id=tok.eos_token_id
+    )
+    save_hf_policy(init_policy(arch, seed=0), ckpt)
+    tok.save_pretrained(ckpt)
+    c = base_config()
+    c.model.path, c.model.dtype = ckpt, "float32"
+    c.data.train, c.data.eval, c.data.num_train, c.data.max_operand = "arith_nl", "arith_nl", 40, 20
+    c.data.max_prompt_len = c.rollout.prompt_bucket = 256
+    c.rollout.prompts_per_step, c.rollout.n, c.rollout.max_new_tokens = 2, 2, 4
+    c.train.num_steps, c.train.ckpt_every, c.train.progress_bar = 1, 1, False
+    c.eval.benchmarks, c.eval.num_problems, c.eval.every = "", 6, 1
+    task = build.build_task(c, tok)
+    assert len(task.eval_records) == 6 and task.eval_records[0]["problem"].startswith("What is ")
+    workdir = str(tmp_path / "run")
+    train(c, workdir)
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in (rows[0], rows[1]):
+        assert 0.0 <= r["eval/accuracy"] <= r["eval/boxed_rate"] <= 1.0, r  # a right answer is a boxed one
+    samples = [json.loads(line) for line in open(os.path.join(workdir, "eval", "step_1", "samples.jsonl"))]
+    assert len(samples) == 6

@@ -78,6 +78,21 @@ def make_arith_records(
     return records
 
 
+NL_OPS = {"+": "plus", "-": "minus", "*": "times"}
+
+
+def make_arith_nl_records(split: str, *, num: int, seed: int = 0, max_operand: int = 99, ops: str = "+-") -> list[dict]:
+    """The same problems in words for a chat model ("What is 23 plus 45?"), answers checked by math-verify.
+
+    Splits stay disjoint as in ``make_arith_records`` (a problem's split is a function of its symbolic form).
+    """
+    out = []
+    for r in make_arith_records(split, num=num, seed=seed, max_operand=max_operand, ops=ops):
+        a, op, b = re.fullmatch(r"(\d+)([-+*])(\d+)", r["problem"]).groups()
+        out.append({**r, "id": r["id"].replace("arith", "arith_nl"), "problem": f"What is {a} {NL_OPS[op]} {b}?"})
+    return out
+
+
 def arith_prompt(problem: str) -> str:
     return f"Q:{problem}=? A:"
 

@@ -72,6 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             train="",
             train_format="",
+            # math task: a held-out set evaluated every eval.every steps (eval.num_problems of it), beside
+            # or instead of eval.benchmarks; 'arith_nl' is the synthetic task in words, for chat models
+            eval="",
             max_prompt_len=PAPER["max_prompt_len"],
             num_epochs=4,
             shuffle=True,
