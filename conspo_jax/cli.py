@@ -1,4 +1,5 @@
 """The ``conspo`` command line: ``conspo {train,eval,sidecar,sweep,profile} --config path.py[:arg] [--config.a.b=v ...]``.
+``conspo import-gguf FILE.gguf OUT_DIR`` takes no config: it converts a llama.cpp file to a HF directory.
 
 Bad input (an unknown config key, a wrong type, a missing path, an unknown objective) ends with one line
 on stderr naming the key or value, exit code 2, and no traceback.
@@ -14,6 +15,7 @@ from conspo_jax import logs
 from conspo_jax.configs import UsageError, parse_command_line, stderr_line
 
 USAGE = """usage: conspo COMMAND --config path/to/experiment.py[:arg] [--config.key=value ...] [options]
+       conspo import-gguf FILE.gguf OUT_DIR [--dtype float32|bfloat16|float16] [--overwrite]
 
 commands:
   train    --workdir DIR [--distributed]         train (resumes from DIR's last checkpoint)
@@ -24,6 +26,7 @@ commands:
                                                  a study: a grid of train runs, tables and figures
   profile  --workdir DIR [--steps N] [--what train|sample|both] [--peak_tflops F]
                                                  XLA profile of train's programs: HLO, traces, summary
+  import-gguf FILE.gguf OUT_DIR                  a llama.cpp GGUF (Llama) as a HF checkpoint directory
 """
 
 
@@ -150,12 +153,44 @@ def _run_profile(fv):
     return 0
 
 
+def _import_gguf_flags(fv):
+    flags.DEFINE_enum(
+        "dtype", "float32", ["float32", "bfloat16", "float16"], "Storage dtype of the weights.", flag_values=fv
+    )
+    flags.DEFINE_bool("overwrite", False, "Replace OUT_DIR if it exists and is not empty.", flag_values=fv)
+
+
+def _run_import_gguf(fv, args):
+    from conspo_jax.models.gguf_import import import_gguf
+
+    if len(args) != 2:
+        raise UsageError(f"import-gguf takes two arguments, FILE.gguf OUT_DIR; got {len(args)}")
+    out = import_gguf(args[0], args[1], dtype=fv.dtype, overwrite=fv.overwrite)
+    print(f"wrote {out}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json", flush=True)
+    return 0
+
+
+def _parse_positional(argv, define_flags) -> tuple[flags.FlagValues, list[str]]:
+    """Flags and positional arguments of a command that takes paths and no --config."""
+    fv = flags.FlagValues()
+    define_flags(fv)
+    try:
+        rest = fv(argv)
+    except flags.Error as e:
+        raise UsageError(str(e)) from None
+    return fv, rest[1:]
+
+
+# Commands whose runner is run(fv, positional_args) and that take no --config.
+POSITIONAL_COMMANDS = ("import-gguf",)
+
 COMMANDS = {
     "train": (_train_flags, _run_train),
     "eval": (_eval_flags, _run_eval),
     "sidecar": (_sidecar_flags, _run_sidecar),
     "sweep": (_sweep_flags, _run_sweep),
     "profile": (_profile_flags, _run_profile),
+    "import-gguf": (_import_gguf_flags, _run_import_gguf),
 }
 
 
@@ -172,6 +207,8 @@ def main(argv=None) -> int:
     multi = command in MULTI_PROCESS_COMMANDS
     logs.console()
     try:
+        if command in POSITIONAL_COMMANDS:
+            return run(*_parse_positional([f"conspo {command}", *argv[2:]], define))
         fv = parse_command_line([f"conspo {command}", *argv[2:]], _with_distributed_flag(define) if multi else define)
         if multi:
             start_processes(fv)
