@@ -306,6 +306,7 @@ class BenchmarkSpec:
     column: str | None = None  # the paper-table column it fills
     description: str = ""
     skip_unanswered: bool = False  # training sets drop rows without an answer (logged) instead of failing
+    keep: Callable[[dict], bool] | None = None  # a subset: raw rows it rejects are left out (ids keep row numbers)
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -324,6 +325,13 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         _olympiad,
         column="O-Bench",
         description="OlympiadBench math, English, open-ended (675)",
+    ),
+    "math500_l12": BenchmarkSpec(
+        ("math500/test.jsonl",),
+        1,
+        keep=lambda row: row.get("level") in (1, 2, "1", "2", "Level 1", "Level 2"),
+        column="MATH500 L1-2",
+        description="MATH500 levels 1-2 (a subset a small model partly solves)",
     ),
     "minerva": BenchmarkSpec(("minerva_math/test.jsonl",), 1, column="Minerva", description="Minerva OCW (272)"),
     "gsm8k": BenchmarkSpec(("gsm8k/test.jsonl",), 1, _gsm8k, column="GSM8K", description="GSM8K test (1319)"),
@@ -391,6 +399,8 @@ def load_benchmark(name: str, data_dir: str | None = None, *, limit: int | None 
         for i, row in enumerate(read_rows(path)):
             if limit is not None and len(records) >= limit:
                 break
+            if spec.keep is not None and not spec.keep(row):
+                continue
             try:
                 rec = spec.row_fn(row, i, path) if spec.row_fn else normalize_row(row, i, source=path)
             except MissingAnswerError:
