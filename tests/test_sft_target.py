@@ -63,6 +63,10 @@ def test_the_target_is_part_of_the_cache_fingerprint_and_validated():
     c = load_config_module(f"{SMOKE}:smoke")
     off = sft._fingerprint(c)
     assert "target_pass" not in off["sft"]  # caches made before the key existed stay valid
+    assert "eval" not in off["data"]  # likewise data.eval, at its off value ''
+    c.data.eval = "gsm8k"
+    assert sft._fingerprint(c)["data"]["eval"] == "gsm8k"
+    c.data.eval = ""
     c.sft.target_pass = 0.3
     on = sft._fingerprint(c)
     assert on["sft"]["target_pass"] == 0.3 and on != off

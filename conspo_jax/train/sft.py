@@ -141,6 +141,8 @@ def _fingerprint(config) -> dict:
     if not out["sft"].get("target_pass"):  # keys added later, at their off values: older caches stay valid
         out["sft"].pop("target_pass", None)
         out["sft"].pop("check_every", None)
+    if not out["data"].get("eval"):
+        out["data"].pop("eval", None)
     out["max_new_tokens"] = config.rollout.max_new_tokens
     return out
 
