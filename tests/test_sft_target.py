@@ -67,6 +67,10 @@ def test_the_target_is_part_of_the_cache_fingerprint_and_validated():
     c.data.eval = "gsm8k"
     assert sft._fingerprint(c)["data"]["eval"] == "gsm8k"
     c.data.eval = ""
+    # a stamp saved while the key was written at its off value matches too
+    saved = json.loads(json.dumps(off))
+    saved["data"]["eval"] = ""
+    assert sft._without_off_keys(saved) == off
     c.sft.target_pass = 0.3
     on = sft._fingerprint(c)
     assert on["sft"]["target_pass"] == 0.3 and on != off

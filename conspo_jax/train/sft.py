@@ -138,13 +138,19 @@ def _fingerprint(config) -> dict:
     for section in ("model", "sft", "data"):
         out[section] = json.loads(config[section].to_json_best_effort())
     out["sft"].pop("cache_dir", None)
-    if not out["sft"].get("target_pass"):  # keys added later, at their off values: older caches stay valid
-        out["sft"].pop("target_pass", None)
-        out["sft"].pop("check_every", None)
-    if not out["data"].get("eval"):
-        out["data"].pop("eval", None)
     out["max_new_tokens"] = config.rollout.max_new_tokens
-    return out
+    return _without_off_keys(out)
+
+
+def _without_off_keys(stamp: dict) -> dict:
+    """Keys added after caches were first written, dropped at their off values (from a saved stamp too): a
+    cache made before or after a key existed matches a config that leaves it off."""
+    if not stamp.get("sft", {}).get("target_pass"):
+        stamp.get("sft", {}).pop("target_pass", None)
+        stamp.get("sft", {}).pop("check_every", None)
+    if not stamp.get("data", {}).get("eval"):
+        stamp.get("data", {}).pop("eval", None)
+    return stamp
 
 
 def cached_warm_start(graphdef, params, rest, task, tokenizer, *, config, mesh):
@@ -155,7 +161,7 @@ def cached_warm_start(graphdef, params, rest, task, tokenizer, *, config, mesh):
     # Process 0's view decides, so that every process takes the same path (restore or compute, both collective).
     if cache and distributed.allgather(os.path.isdir(os.path.join(cache, "params")))[0]:
         with open(os.path.join(cache, "fingerprint.json")) as f:
-            saved = json.load(f)
+            saved = _without_off_keys(json.load(f))
         if saved != stamp:
             diff = sorted(k for k in set(saved) | set(stamp) if saved.get(k) != stamp.get(k))
             raise UsageError(f"sft.cache_dir={s.cache_dir!r} holds a warm start made with other settings: {diff}")
