@@ -9,6 +9,7 @@ non-positive group size) raises ``UsageError`` naming the config key and the val
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -131,8 +132,8 @@ def _arith_verify(texts, answers) -> list:
     return out
 
 
-def _math_verify(texts, answers) -> list:
-    return default_pool().verify(list(texts), list(answers))
+def _math_verify(texts, answers, answer_format="boxed") -> list:
+    return default_pool().verify(list(texts), list(answers), answer_format=answer_format)
 
 
 def build_task(config, tokenizer) -> Task:
@@ -156,7 +157,8 @@ def build_task(config, tokenizer) -> Task:
     train, held_out = _math_records(config, d.train, "train", d.num_train), []
     if d.eval:  # a held-out set, evaluated like the synthetic task's (eval/accuracy, eval/boxed_rate)
         held_out = _math_records(config, d.eval, "eval", config.eval.num_problems)
-    return Task(train, held_out, encode=lambda r: encode_prompt(r["problem"], tokenizer), verify=_math_verify)
+    verify = functools.partial(_math_verify, answer_format=d.answer_format)
+    return Task(train, held_out, encode=lambda r: encode_prompt(r["problem"], tokenizer), verify=verify)
 
 
 def _math_records(config, spec: str, split: str, num: int) -> list:

@@ -172,6 +172,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "data.train": string,
     "data.train_format": choice(DATA_FORMATS),
     "data.eval": string,
+    "data.answer_format": choice(("boxed", "boxed_or_last_number")),
     "data.max_prompt_len": integer(1),
     "data.num_epochs": integer(1),
     "data.shuffle": boolean,

@@ -218,3 +218,30 @@ def test_normalisation_and_quick_paths():
     assert quick_verdict("\\text{east}", "East") == (1.0, "text")
     assert quick_verdict("\\text{odd}", "\\text{even}") == (0.0, "text")
     assert quick_verdict("x", "\\text{y}") is None  # one letter may be a variable: math-verify decides
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("26 + 30 = 56", "56"),  # no box: the last number of the tail
+        ("so \\boxed{7}, not 9", "7"),  # a box always wins
+        ("I think 3.5.", "3.5"),
+        ("v2 and x3 and -4", "-4"),  # digits inside words are not numbers
+        ("no answer here", None),
+        ("12 " + "word " * 200, None),  # the number is outside the graded tail
+    ],
+)
+def test_boxed_or_last_number(text, want):
+    from conspo_jax.rewards.extract import extract_answer
+
+    assert extract_answer(text, "boxed_or_last_number") == want
+    assert extract_answer(text) == extract_boxed(text)  # the default grades boxes only
+    with pytest.raises(ValueError, match="answer_format"):
+        extract_answer(text, "last")
+
+
+def test_pool_grades_unboxed_answers_only_when_asked(pool):
+    texts, gts = ["26 + 30 = 56", "26 + 30 = 57", "\\boxed{56}"], ["56", "56", "56"]
+    assert [v.score for v in pool.verify(texts, gts)] == [0.0, 0.0, 1.0]
+    got = pool.verify(texts, gts, answer_format="boxed_or_last_number")
+    assert [v.score for v in got] == [1.0, 0.0, 1.0] and got[0].extracted == "56"

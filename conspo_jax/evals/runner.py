@@ -26,7 +26,7 @@ from conspo_jax import distributed
 from conspo_jax.data import math_data
 from conspo_jax.data.prompts import encode_prompt
 from conspo_jax.evals import metrics, report
-from conspo_jax.rewards import RewardPool
+from conspo_jax.rewards import RewardPool, extract_boxed
 from conspo_jax.rollout.engine import FINISH_LENGTH, SamplingParams
 
 DEFAULT_BENCHMARKS = ("aime24", "aime25", "aime26", "hmmt25", "math500", "amc", "olympiadbench")
@@ -217,7 +217,8 @@ def _run_benchmark(
             p, s = divmod(row, k)
             correct[start + p, s] = v.score > 0
             stats["truncated"] += reasons[row] == FINISH_LENGTH
-            stats["no_box"] += v.reason == "no_box"
+            # counted from the text: a task that grades unboxed answers too still reports its boxed rate
+            stats["no_box"] += extract_boxed(text) is None
             stats["timeouts"] += v.reason == "timeout"
             stats["tokens"] += int(lens[row])
             rec = chunk_recs[p]

@@ -87,6 +87,24 @@ def extract_boxed(text: str) -> str | None:
     return content or None
 
 
+ANSWER_FORMATS = ("boxed", "boxed_or_last_number")
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w])")
+_TAIL = 256  # the last number is looked for in the response's tail only: linear in nothing long
+
+
+def extract_answer(text: str, answer_format: str = "boxed") -> str | None:
+    """The graded answer of a response: the last box, or with ``boxed_or_last_number`` (GSM8K's usual
+    flexible match, for small models that answer correctly but rarely box) the last number of the tail
+    when there is no box. Returns None when there is nothing to grade."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    box = extract_boxed(text)
+    if box is not None or answer_format == "boxed":
+        return box
+    found = _NUMBER.findall(text[-_TAIL:])
+    return found[-1] if found else None
+
+
 # --- normalisation -----------------------------------------------------------------------------------
 # math-verify already handles \dfrac, \left/\right, units in \text{}, ^\circ, \%, {,} thousands
 # separators, x = ... and \text{(C)}. What it gets wrong on its own (checked in tests/test_rewards.py):

@@ -336,8 +336,10 @@ class RewardPool:
         *,
         timeout_s: float | None = None,
         started: float | None = None,
+        answer_format: str = "boxed",
     ) -> list[Verdict]:
         """One ``Verdict`` per response, in order; ``timeout_s`` overrides the pool's per-task CPU limit.
+        ``answer_format``: what is graded (``extract.extract_answer``); 'boxed' unless a task says otherwise.
 
         ``started`` (a ``time.monotonic()`` value, default now) is when the call's clock started, for a
         caller that did work of its own first (``math_reward``'s box extraction). It applies to a
@@ -352,7 +354,7 @@ class RewardPool:
         for i, (resp, gt) in enumerate(zip(responses, ground_truths)):
             if not isinstance(resp, str):
                 raise TypeError(f"RewardPool.verify: responses[{i}] must be str, got {type(resp).__name__}")
-            box = ex.extract_boxed(resp)
+            box = ex.extract_answer(resp, answer_format)
             extracted.append(box)
             if box is None:
                 verdicts[i] = Verdict(0.0, None, ex.NO_BOX)

@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
             # math task: a held-out set evaluated every eval.every steps (eval.num_problems of it), beside
             # or instead of eval.benchmarks; 'arith_nl' is the synthetic task in words, for chat models
             eval="",
+            # math task: what is graded, 'boxed' (the paper) or 'boxed_or_last_number' (the last number when a
+            # response has no box, for small models; eval/boxed_rate still counts boxes alone)
+            answer_format="boxed",
             max_prompt_len=PAPER["max_prompt_len"],
             num_epochs=4,
             shuffle=True,
