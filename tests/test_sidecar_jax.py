@@ -85,13 +85,20 @@ def test_training_through_the_sidecar_matches_the_embedded_engine(tmp_path):
     """Two ConSPO steps on the synthetic task, once with the embedded engine and once through a JAX
     sidecar over loopback gRPC (weights pushed as safetensors after every step). Same seeds, same
     initial weights: every logged metric agrees to 1e-6 relative (the rollouts are token-identical)."""
+    assert_sidecar_training_matches_embedded(smoke_config, tmp_path)
+
+
+def assert_sidecar_training_matches_embedded(make_config, tmp_path, steps=2):
+    """Trains ``steps`` steps of ``make_config()`` embedded and through a loopback JAX sidecar; every metric
+    agrees to 1e-6 relative. Shared with the real-model test (tests/test_real_model.py)."""
     from conspo_jax.train.metrics import read_metrics
     from conspo_jax.train.trainer import train
 
     def config():
-        c = smoke_config()
-        c.train.num_steps = 2
+        c = make_config()
+        c.train.num_steps = steps
         c.train.ckpt_every = 100
+        c.train.export_hf = False
         c.eval.at_start = False
         c.eval.every = 0
         return c
@@ -104,8 +111,8 @@ def test_training_through_the_sidecar_matches_the_embedded_engine(tmp_path):
         c.rollout.sidecar.address = srv.target
         c.rollout.sidecar.weights_dir = str(tmp_path / "w")
         train(c, str(tmp_path / "sidecar"))
-        assert srv.servicer.groups_served == 2 * c.rollout.prompts_per_step
-        assert srv.servicer._version == 2  # pushed after each of the two steps
+        assert srv.servicer.groups_served == steps * c.rollout.prompts_per_step
+        assert srv.servicer._version == steps  # pushed after each step
     finally:
         srv.stop(grace=0)
 
@@ -113,8 +120,9 @@ def test_training_through_the_sidecar_matches_the_embedded_engine(tmp_path):
         return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics(str(tmp_path / d))]
 
     emb, side = rows("embedded"), rows("sidecar")
-    assert [r["step"] for r in emb] == [r["step"] for r in side] == [1, 2]
+    assert [r["step"] for r in emb] == [r["step"] for r in side] == list(range(1, steps + 1))
     for a, b in zip(emb, side):
         assert a.keys() == b.keys()
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-7), (a["step"], k, a[k], b[k])
+    return emb

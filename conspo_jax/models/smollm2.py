@@ -37,9 +37,14 @@ def _complete(path: str) -> bool:
     )
 
 
+def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> str:
+    """Where ``ensure_smollm2`` puts (or has put) the imported checkpoint; it may not exist yet."""
+    return os.path.join(_root(cache_dir), MODEL_DIR)
+
+
 def smollm2_path_or_none(cache_dir: str | os.PathLike | None = None) -> str | None:
     """The imported checkpoint directory if a complete import is cached, else None (downloads nothing)."""
-    path = os.path.join(_root(cache_dir), MODEL_DIR)
+    path = smollm2_dir(cache_dir)
     return path if _complete(path) else None
 
 
