@@ -1,4 +1,5 @@
-"""Argument parsing shared by the sweep modules: ``quick``, ``seeds=N``, ``steps=N``, comma-separated."""
+"""Argument parsing shared by the sweep modules: ``quick``, ``seeds=N``, ``steps=N``, ``methods=A+B`` (a subset of
+the rows), comma-separated."""
 
 QUICK_OVERRIDES = {"train.num_steps": 4, "train.ckpt_every": 2, "eval.every": 2}
 # Figure 1 (left): the GRPO and ConSPO runs dump per-rollout credit every this many steps (6 dumps of 240 steps).
@@ -13,15 +14,19 @@ def credit_overrides(method, opts):
 
 
 def parse_arg(arg, *, default_seeds):
-    opts = {"quick": False, "seeds": default_seeds, "steps": 0}
+    opts = {"quick": False, "seeds": default_seeds, "steps": 0, "methods": ()}
     for opt in filter(None, (arg or "").split(",")):
         key, _, value = opt.partition("=")
         if key == "quick" and not value:
             opts["quick"] = True
         elif key in ("seeds", "steps") and value.isdigit():
             opts[key] = int(value)
+        elif key == "methods" and value:
+            opts["methods"] = tuple(value.split("+"))
         else:
-            raise ValueError(f"unknown sweep argument {opt!r}: use quick, seeds=N or steps=N (comma-separated)")
+            raise ValueError(
+                f"unknown sweep argument {opt!r}: use quick, seeds=N, steps=N or methods=A+B (comma-separated)"
+            )
     return opts
 
 

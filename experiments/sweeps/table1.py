@@ -22,7 +22,10 @@ METHODS = (*BASELINES, "conspo", *ABLATIONS)
 
 def get_sweep(arg=None):
     opts = parse_arg(arg, default_seeds=2 if arg and "quick" in arg.split(",") else 5)
-    methods = ("conspo", "grpo") if opts["quick"] else METHODS
+    methods = opts["methods"] or (("conspo", "grpo") if opts["quick"] else METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"table1: unknown methods {unknown}; the rows are {', '.join(METHODS)}")
     common = base_overrides(opts)
     return [
         Point(
