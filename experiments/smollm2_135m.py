@@ -20,7 +20,7 @@ dominates a step. 8 prompts x 8 rollouts of at most 128 new tokens (prompts are 
 bucket) is at most 12k tokens per update. lr 1e-5: tens of steps must move the policy; the paper's 2e-6
 belongs to 256 x 8 batches.
 Arguments (comma-separated): an objective name (grpo, ...), 'random' (random weights, dry runs), 'smoke'
-(2 steps of 2 prompts x 2 rollouts, for tests).
+(2 steps of 4 prompts x 2 rollouts, for tests).
 """
 
 from conspo_jax.models.smollm2 import smollm2_dir
@@ -56,7 +56,7 @@ def get_config(arg=None):
         if opt == "random":
             c.model.random_init = True
         elif opt == "smoke":
-            c.rollout.prompts_per_step, c.rollout.n, c.rollout.max_new_tokens = 2, 2, 8
+            c.rollout.prompts_per_step, c.rollout.n, c.rollout.max_new_tokens = 4, 2, 8
             c.train.num_steps, c.train.ckpt_every, c.eval.every, c.eval.num_problems = 2, 1, 2, 4
         elif opt in list_objectives():
             c.objective.name = opt
