@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from conspo_jax.configs import UsageError
 from conspo_jax.models.config import ModelConfig
+from conspo_jax.models.hf_io import replace_dir
 
 __all__ = ["GGUFImportError", "import_gguf", "MARKER"]
 
@@ -406,14 +407,7 @@ def import_gguf(
         source = {"source": os.path.abspath(gguf_path), "source_bytes": os.path.getsize(gguf_path), "dtype": dtype}
         _dump({**source, "gguf_version": importlib.metadata.version("gguf")}, os.path.join(tmp, MARKER))
         _chmod_umask(tmp)
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(out_dir) + "-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "ckpt"))
-        os.replace(tmp, out_dir)
+        return replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-    return out_dir

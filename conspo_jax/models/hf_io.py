@@ -283,9 +283,15 @@ def save_hf_policy(
                 ("tokenizer", "special_tokens", "vocab", "merges", "chat_template", "generation_config")
             ):
                 shutil.copy2(os.path.join(copy_files_from, name), os.path.join(tmp, name))
+    return replace_dir(tmp, path)
+
+
+def replace_dir(tmp: str, path: str) -> str:
+    """Puts the finished directory ``tmp`` at ``path`` (same parent), moving any old one aside first, so a
+    reader sees the old checkpoint or the new one, never a mix; returns ``path``."""
     old = None
     if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
+        old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=os.path.dirname(path) or ".")
         os.replace(path, os.path.join(old, "ckpt"))
     os.replace(tmp, path)
     if old:
