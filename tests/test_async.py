@@ -69,8 +69,11 @@ def test_async_rollouts_are_one_version_old_and_resume_exactly(warm_cache, tmp_p
     srows = _rows(sync)
     assert srows[0] == rows[0]
     assert all(r["rollout/staleness"] == 0.0 for r in srows)
-    for s, r in zip(srows[1:], rows[1:], strict=True):
-        assert r["rollout/logp_mismatch"] > 10 * s["rollout/logp_mismatch"] + 1e-6, (s, r)
+    # Only a step after one that moved the weights samples from other weights; which steps do depends on the
+    # processor's rounding (one had no mixed group under SSE4_2 code generation), so this is an implication.
+    for prev, s, r in zip(rows, srows[1:], rows[1:], strict=True):
+        if prev["grad_norm"] > 0:
+            assert r["rollout/logp_mismatch"] > 10 * s["rollout/logp_mismatch"] + 1e-6, (s, r)
 
 
 def test_next_batch_is_collected_while_the_update_runs(warm_cache, tmp_path):
