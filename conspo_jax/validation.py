@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from conspo_jax.configs import UsageError
+from conspo_jax.rewards.extract import ANSWER_FORMATS
 
 _MISSING = object()
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the build layer's DTYPES keys
@@ -172,7 +173,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "data.train": string,
     "data.train_format": choice(DATA_FORMATS),
     "data.eval": string,
-    "data.answer_format": choice(("boxed", "boxed_or_last_number")),
+    "data.answer_format": choice(ANSWER_FORMATS),
     "data.max_prompt_len": integer(1),
     "data.num_epochs": integer(1),
     "data.shuffle": boolean,
