@@ -131,7 +131,7 @@ class Trainer:
         )
         self.engine = build.make_engine(
             config,
-            nnx.merge(self.graphdef, self.state.params, self.rest),
+            nnx.merge(self.graphdef, self._engine_weights(), self.rest),
             self.tokenizer,
             self.mesh,
             version=self.start,
@@ -440,11 +440,7 @@ class Trainer:
         The engine is idle here in both modes (an overlapped run has collected step ``done``'s batch).
         """
         c = self.config
-        weights = nnx.merge_state(self.state.params, self.rest)
-        if self.async_steps:
-            # The engine samples from these while the next step's update donates the train state's buffers.
-            weights = jax.tree.map(jnp.copy, weights)
-        self.engine.sync(weights, done)
+        self.engine.sync(nnx.merge_state(self._engine_weights(), self.rest), done)
         if c.eval.every and (done % c.eval.every == 0 or done == self.total_steps):
             row.update(self.evaluate(done))
         self.writer.write(done, row)
@@ -454,6 +450,16 @@ class Trainer:
             self._save_checkpoint(done)
             inflight.prune(self.inflight_dir, self.ckpt.all_steps())
             self._write_results()
+
+    def _engine_weights(self):
+        """The parameters the engine samples from: the train state's own, or a copy when overlapped.
+
+        An overlapped run's producer thread samples while the next update donates (and so deletes) the
+        train state's buffers, from the very first step on.
+        """
+        if self.async_steps:
+            return jax.tree.map(jnp.copy, self.state.params)
+        return self.state.params
 
     def check_staleness(self, rb: RolloutBatch, step: int) -> RolloutBatch:
         """The rollouts trained on at ``step`` came from weights at most ``rollout.async_steps`` versions old."""
