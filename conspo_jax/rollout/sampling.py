@@ -6,15 +6,22 @@ ratios and the trainer/engine mismatch metric compare against). Greedy decoding 
 the raw policy log-prob.
 
 Nothing here sorts the vocabulary: the top-k value and the top-p cutoff are found by bisection over the
-order-preserving int32 keys of the fp32 logits (32 masked reductions over the vocabulary, exact), and a
-token is drawn by Gumbel-max as a max followed by a first-index search (no fused value+index argmax).
+order-preserving int32 keys of the fp32 logits (32 masked reductions over the vocabulary, exact).
 `truncate_sorted` is the sort-based reference the tests compare against.
+
+A token is drawn by inverse-CDF sampling in two levels: a block of `DRAW_BLOCK` vocabulary entries with
+probability proportional to its mass, then a token inside it, each from its own uniform. That needs
+two uniforms per row and the exp that the log-prob needs anyway. Gumbel-max needed a random number per
+vocabulary entry: at 64 rows x 49,152 entries on a 2-core CPU, threefry plus two logs took 62 ms a step,
+about a sixth of a SmolLM2-135M decode step (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+DRAW_BLOCK = 256
 
 
 def _sortable_keys(x_RxV):
@@ -90,6 +97,36 @@ def first_max_index(z_RxV):
     return jnp.min(jnp.where(z_RxV == m_R1, iota, vocab), axis=-1).astype(jnp.int32)
 
 
+def _clip_to_support(i_R, w_RxK):
+    """Keeps index i inside [first, last] positive weight of its row: fp rounding of a cumulative sum
+    must never land a draw on a zero-probability entry."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, w_RxK.shape, 1)
+    pos = w_RxK > 0
+    first = jnp.min(jnp.where(pos, iota, w_RxK.shape[1] - 1), axis=-1)
+    last = jnp.max(jnp.where(pos, iota, 0), axis=-1)
+    return jnp.clip(i_R, first, last)
+
+
+def _pick(w_RxK, u_R):
+    """Per row, the first index whose cumulative weight exceeds u * total (inverse CDF)."""
+    cum_RxK = jnp.cumsum(w_RxK, axis=-1)
+    target_R1 = u_R[:, None] * cum_RxK[:, -1:]
+    i_R = jnp.sum(cum_RxK <= target_R1, axis=-1).astype(jnp.int32)
+    return _clip_to_support(i_R, w_RxK)
+
+
+def draw_from_weights(w_RxV, key):
+    """One index per row with probability w / sum(w) (w >= 0, unnormalised, some entry > 0 per row):
+    a block by its mass, then an entry of that block, each by inverse CDF on its own uniform."""
+    r, v = w_RxV.shape
+    nb = -(-v // DRAW_BLOCK)
+    w_RxNxK = jnp.pad(w_RxV, ((0, 0), (0, nb * DRAW_BLOCK - v))).reshape(r, nb, DRAW_BLOCK)
+    u_2xR = jax.random.uniform(key, (2, r), jnp.float32)
+    j_R = _pick(jnp.sum(w_RxNxK, axis=-1), u_2xR[0])
+    block_RxK = jnp.take_along_axis(w_RxNxK, j_R[:, None, None], axis=1)[:, 0]
+    return j_R * DRAW_BLOCK + _pick(block_RxK, u_2xR[1])
+
+
 def sample_tokens(logits_RxV, key, temperature, top_p, top_k):
     """Samples one token per row. Returns (tokens_R int32, logprobs_R float32).
 
@@ -98,14 +135,18 @@ def sample_tokens(logits_RxV, key, temperature, top_p, top_k):
     logits_RxV = logits_RxV.astype(jnp.float32)
     greedy = temperature <= 0.0
     scaled_RxV = logits_RxV / jnp.where(greedy, 1.0, temperature)
+    m_R1 = jnp.max(scaled_RxV, axis=-1, keepdims=True)
+    e_RxV = jnp.exp(scaled_RxV - m_R1)  # shared by the log-normaliser and the draw
+    lse_R = m_R1[:, 0] + jnp.log(jnp.sum(e_RxV, axis=-1))
 
-    def gumbel_scores():
+    def draw():
         needs_trunc = (top_p < 1.0) | (top_k > 0)
-        filtered_RxV = jax.lax.cond(needs_trunc, _truncate, lambda x, p, k: x, scaled_RxV, top_p, top_k)
-        return filtered_RxV + jax.random.gumbel(key, filtered_RxV.shape, jnp.float32)
+        w_RxV = jax.lax.cond(
+            needs_trunc, lambda: jnp.where(_truncate(scaled_RxV, top_p, top_k) == -jnp.inf, 0.0, e_RxV), lambda: e_RxV
+        )
+        return draw_from_weights(w_RxV, key)
 
-    # Greedy takes the raw logits' first maximum (= argmax); sampling the perturbed logits' (= a draw).
-    tokens_R = first_max_index(jax.lax.cond(greedy, lambda: logits_RxV, gumbel_scores))
-    lse_R = jax.nn.logsumexp(scaled_RxV, axis=-1)
+    # Greedy takes the raw logits' first maximum (= argmax).
+    tokens_R = jax.lax.cond(greedy, lambda: first_max_index(logits_RxV), draw)
     logprobs_R = jnp.take_along_axis(scaled_RxV, tokens_R[:, None], axis=-1)[:, 0] - lse_R
     return tokens_R, logprobs_R
