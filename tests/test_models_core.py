@@ -146,8 +146,8 @@ def test_kv_cache_prefill_then_decode_matches_full_forward(model):
         kv_mask[:, t] = True
         logits, cache = step(model, ids[:, t : t + 1], pos[:, t : t + 1], cache, jnp.int32(t), jnp.asarray(kv_mask))
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=2e-5)
-    assert cache.k.shape == (2, b, s, 2, 16)
-    assert float(jnp.abs(cache.k[:, :, prompt + new :]).max()) == 0  # untouched slots stay empty
+    assert cache.k.shape == (2, b, 2, s, 16)
+    assert float(jnp.abs(cache.k[:, :, :, prompt + new :]).max()) == 0  # untouched slots stay empty
 
 
 def test_config_roundtrip_and_validation():

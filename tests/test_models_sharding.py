@@ -99,7 +99,7 @@ def test_sharded_kv_cache_prefill_matches_single_device(single):
         cache = init_kv_cache(m.config, B, s, dtype=jnp.float32, mesh=mh)
         h, cache = jax.jit(forward_cached, **FAST)(m, ids, pos, cache, jnp.int32(0), kv_mask)
         outs.append((np.asarray(h), np.asarray(cache.k)))
-    want = NamedSharding(mesh, P(None, ("data", "fsdp"), None, "tensor", None))
+    want = NamedSharding(mesh, P(None, ("data", "fsdp"), "tensor", None, None))
     assert cache.k.sharding.is_equivalent_to(want, 5)
     m = np.asarray(mask)
     np.testing.assert_allclose(outs[1][0][m], outs[0][0][m], atol=1e-5)
