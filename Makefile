@@ -11,7 +11,7 @@ PYTEST_ARGS ?= -n 2 --durations=15
 # XLA CPU code-generation settings that `make test-portable` runs the suite under (CONTRIBUTING.md).
 PORTABLE_XLA_FLAGS ?= --xla_cpu_max_isa=AVX2 --xla_cpu_max_isa=SSE4_2
 
-.PHONY: env test test-portable lint wheel-smoke train smollm2 bench-objectives bench-logprob bench-gpu notebooks proto
+.PHONY: env test test-portable lint wheel-smoke train smollm2 bench-objectives bench-logprob bench-real bench-gpu notebooks proto
 
 $(TRAIN_STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,12 @@ bench-objectives: $(STAMP)
 
 bench-logprob: $(STAMP)
 	$(BIN)/python bench/logprob_step.py
+
+# The real model against transformers/torch, one table (bench/real_model.py; imports SmolLM2 first if needed).
+# BENCH_REAL_ARGS=--quick for small sizes.
+bench-real: $(STAMP)
+	scripts/fetch_smollm2.sh $(BIN)/python > /dev/null
+	PYTHONPATH=. $(BIN)/python bench/real_model.py $(BENCH_REAL_ARGS)
 
 # Everything that needs a GPU, one table last (bench/gpu_suite.sh; BENCHMARKS.md). No $(STAMP): the GPU
 # machine has no network, the suite installs .whl/ itself. BENCH_GPU_ARGS=--cpu: the CPU-sized check.

@@ -11,6 +11,10 @@
 #                machine has no checkpoint or data): compile analyses, HLO facts and traces of the RL
 #                update and the sampler's prefill and decode chunk, through conspo_jax.profiling
 #                (--cpu: the same command with the tiny-qwen2 architecture and short sequences)
+#   (d) real     bench/real_model.py --arch r1-distill-qwen-1.5b --dtype bfloat16: rollouts (16 prompts x 8,
+#                512 new tokens, full-length and long-tailed) against HF generate and the train step at
+#                16x512 and 64x512 against torch, each with its fraction of the measured matmul and copy
+#                limits (random weights: no checkpoint travels; --cpu: SmolLM2-sized tiny shapes)
 #
 #   bench/gpu_suite.sh [--cpu] [--out DIR]
 #
@@ -21,7 +25,7 @@
 # downloads nothing. Logs of every part, the HLO, traces and summary.json go to DIR (default
 # /tmp/gpu_suite.<date>); when $OUT is set (the device tool's folder that comes back, at most 8 files)
 # the logs, status.tsv, summary.json and the final table are also copied there. Time limits per part
-# (seconds): LOGPROB_S, SAMPLER_S, PROFILE_S; PYTHON picks the interpreter (default python3).
+# (seconds): LOGPROB_S, SAMPLER_S, PROFILE_S, REAL_S; PYTHON picks the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,12 +59,14 @@ if [ "$cpu" = 1 ]; then
   sampler_args=(--preset cpu --batches 16 --new 32 --tail-batch 16)  # a check, not the BENCHMARKS run
   profile_args=(--steps 2 --config.model.arch=tiny-qwen2 --config.rollout.n=4 --config.data.max_prompt_len=64
     --config.rollout.max_new_tokens=64)
-  : "${LOGPROB_S:=600}" "${SAMPLER_S:=300}" "${PROFILE_S:=300}"
+  real_args=(--arch tiny-qwen2 --batches 2 --n 2 --new 16 --only limits,rollout)
+  : "${LOGPROB_S:=600}" "${SAMPLER_S:=300}" "${PROFILE_S:=300}" "${REAL_S:=300}"
 else
   logprob_args=(--arch r1-distill-qwen-1.5b --shapes 8x2048,4x8192,16x8192,16x2048 --steps 3 --warmup 1)
   sampler_args=(--preset gpu)
   profile_args=(--steps 3 --config.rollout.n=8 --config.data.max_prompt_len=256 --config.rollout.max_new_tokens=1792)
-  : "${LOGPROB_S:=280}" "${SAMPLER_S:=80}" "${PROFILE_S:=120}"
+  real_args=(--arch r1-distill-qwen-1.5b --dtype bfloat16 --batches 16 --new 512 --only limits,rollout,train)
+  : "${LOGPROB_S:=280}" "${SAMPLER_S:=80}" "${PROFILE_S:=120}" "${REAL_S:=150}"
 fi
 
 {
@@ -100,6 +106,7 @@ for i in $(seq 1 16); do echo "{\"problem\": \"What is $i + $i?\", \"answer\": \
 run_part profile "$PROFILE_S" "$PY" -m conspo_jax profile --config experiments/r1_distill_qwen_1p5b.py:random \
   --workdir "$out/profile" --config.tokenizer=arith --config.data.train="$out/profile_prompts.jsonl" \
   --config.eval.benchmarks= --config.eval.every=0 --config.rollout.prompts_per_step=1 "${profile_args[@]}"
+run_part real "$REAL_S" "$PY" bench/real_model.py "${real_args[@]}"
 
 echo
 echo "logs, HLO, traces: $out"

@@ -80,26 +80,38 @@ def useful_lengths(completions_BxC, eos: int):
     return first
 
 
-def time_hf(model, prompts, new: int, eos: int, top_p: float, seed: int):
+def time_hf(model, prompts, new: int, eos: int, top_p: float, seed: int, *, mask=None, n: int = 1):
+    """Seconds of one `generate` call (after a tiny warm-up), n samples per prompt; `mask` marks real
+    tokens of left-padded prompts (default: every token is real)."""
     import numpy as np
     import torch
 
     ids = torch.tensor(np.asarray(prompts), dtype=torch.long, device=model.device)
+    attn = torch.ones_like(ids) if mask is None else torch.tensor(np.asarray(mask), dtype=torch.long, device=ids.device)
     kw = dict(do_sample=True, temperature=1.0, top_p=top_p, top_k=0, eos_token_id=eos, pad_token_id=0)
     with torch.inference_mode():
-        model.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), max_new_tokens=4, **kw)  # warm-up
+        model.generate(ids[:2], attention_mask=attn[:2], max_new_tokens=4, **kw)  # warm-up
         torch.manual_seed(seed)
         if ids.is_cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=0, **kw)
+        out = model.generate(
+            ids, attention_mask=attn, max_new_tokens=new, min_new_tokens=0, num_return_sequences=n, **kw
+        )
         if ids.is_cuda:
             torch.cuda.synchronize()
         secs = time.perf_counter() - t0
     comp = out[:, ids.shape[1] :].cpu().numpy()
     comp = np.pad(comp, ((0, 0), (0, new - comp.shape[1])))
     lens = useful_lengths(comp, eos)
-    return dict(tokens=int(lens.sum()), secs=secs, compile=0.0, max_len=int(lens.max()), mean_len=float(lens.mean()))
+    return dict(
+        tokens=int(lens.sum()),
+        secs=secs,
+        compile=0.0,
+        max_len=int(lens.max()),
+        mean_len=float(lens.mean()),
+        lens=lens.tolist(),
+    )
 
 
 _COMPILE_SECS = [0.0]
@@ -110,7 +122,7 @@ def _on_event(event, duration, **_):
         _COMPILE_SECS[0] += duration
 
 
-def time_engine(engine, prompts, new: int, top_p: float, seed: int, warmups: int = 2):
+def time_engine(engine, prompts, new: int, top_p: float, seed: int, warmups: int = 2, n: int = 1):
     """Steady-state seconds of one generate call, after `warmups` calls with other seeds. The continuous
     engine compiles one program per (row bucket, window) it meets, so a call with new lengths may still
     compile: XLA compile time inside the timed call is measured and subtracted (reported with the rest)."""
@@ -119,7 +131,7 @@ def time_engine(engine, prompts, new: int, top_p: float, seed: int, warmups: int
     def call(s):
         before = _COMPILE_SECS[0]
         t0 = time.perf_counter()
-        out = engine.generate(prompts, SamplingParams(n=1, max_new_tokens=new, top_p=top_p, seed=s))
+        out = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=new, top_p=top_p, seed=s))
         return out, time.perf_counter() - t0, _COMPILE_SECS[0] - before
 
     compile_secs = sum(call(seed + 1000 + i)[2] for i in range(warmups))
@@ -131,6 +143,7 @@ def time_engine(engine, prompts, new: int, top_p: float, seed: int, warmups: int
         compile=compile_secs + late,
         max_len=int(lens.max()),
         mean_len=float(lens.mean()),
+        lens=lens.tolist(),
     )
 
 

@@ -92,6 +92,10 @@ def main(logdir: str) -> None:
     if sampler:
         out.append("sampler (bench/sampler.py's table):")
         out.extend("  " + ln for ln in sampler)
+    real = last_block(os.path.join(logdir, "real.log"))
+    if real:
+        out.append("real sizes (bench/real_model.py's table):")
+        out.extend("  " + ln for ln in real)
     status = os.path.join(logdir, "status.tsv")
     if os.path.exists(status):
         parts = [ln.split("\t") for ln in open(status).read().splitlines() if ln]
