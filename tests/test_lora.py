@@ -173,6 +173,9 @@ def test_only_the_adapters_train():
     # dL/dA = s G B^T is 0 while B = 0 (decoupled weight decay still shrinks A by lr * wd); A learns from step 2.
     np.testing.assert_allclose(a1, a0 * (1 - 1e-2 * 0.1), rtol=1e-6)
     assert np.abs(a2 - a1 * (1 - 1e-2 * 0.1)).max() > 1e-5
+    # The frozen half is exactly the base policy's state: a KL reference with no copy of the weights.
+    reference = nnx.merge(plain_graphdef(model), frozen)
+    np.testing.assert_array_equal(np.asarray(_logprobs(reference, ids, mask)), np.asarray(_logprobs(model, ids, mask)))
     after = nnx.merge(graphdef, lora2, frozen)
     flat_after = dict(nnx.to_flat_state(nnx.state(after)))
     assert sum(not is_adapter for is_adapter, _ in before.values()) == len(before) - 14
