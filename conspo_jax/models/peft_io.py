@@ -2,7 +2,8 @@
 
 The directory holds `adapter_config.json` and `adapter_model.safetensors` as peft writes them for a
 `*ForCausalLM` base (Llama, Qwen2, Qwen3 name their projections alike), so
-`peft.PeftModel.from_pretrained(base, path)`, vLLM and SGLang load it onto the base checkpoint:
+`peft.PeftModel.from_pretrained(base, path)` loads it onto the base checkpoint (tests/test_lora.py);
+it is peft's standard layout, the one vLLM's and SGLang's LoRA loaders read (not tested here):
 
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight   [R, in]
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight   [out, R]
