@@ -262,10 +262,26 @@ def validate_config(config, *, check_paths: bool = True) -> None:
         from conspo_jax.models.layers import REMAT_POLICIES
 
         choice(tuple(REMAT_POLICIES))("model.remat", remat)
+    lora = _get(config, "model.lora")
+    if lora is not _MISSING:
+        _check_lora(lora)
     _check_objectives(config)
     _check_relations(config)
     if check_paths:
         _check_paths(config)
+
+
+def _check_lora(section) -> None:
+    """model.lora: LoRAConfig's own rules (rank >= 0, alpha > 0, known targets)."""
+    from conspo_jax.models.lora import LoRAConfig
+
+    try:
+        lora = LoRAConfig.from_config(section)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    # Until the trainer splits adapters from the frozen base (issue 24), a rank would be silently ignored.
+    if lora.enabled:
+        raise UsageError(f"model.lora.rank={lora.rank}: the trainer does not train LoRA adapters yet; use 0")
 
 
 def _check_objectives(config) -> None:

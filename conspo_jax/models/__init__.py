@@ -2,7 +2,8 @@
 
 Public API: `ModelConfig`, `get_model_config`, `init_policy`, `load_hf_policy`, `save_hf_policy`,
 `token_logprobs`, `make_mesh`, `REMAT_POLICIES` (the `remat=` values), `compute_layer_params`, and for the sampler `init_kv_cache`, `forward_cached`,
-`policy_logits`. Sharding helpers: `state_shardings` (any nnx state whose Variables carry
+`policy_logits`. LoRA (conspo_jax/models/lora.py): `LoRAConfig`, `LoRAParam`, `attach_lora`,
+`split_trainable`, `merge_lora`, `merged_policy`, `plain_graphdef`. Sharding helpers: `state_shardings` (any nnx state whose Variables carry
 `logical_axes`, e.g. params or optimizer state), `policy_state_shardings`, `batch_sharding`.
 
 Typical trainer use (jit a pure function over split state):
@@ -19,6 +20,15 @@ from conspo_jax.models.config import ModelConfig, get_model_config, list_model_c
 from conspo_jax.models.hf_io import load_hf_policy, save_hf_policy
 from conspo_jax.models.layers import REMAT_POLICIES
 from conspo_jax.models.logprobs import mask_positions, segment_positions, token_logprobs
+from conspo_jax.models.lora import (
+    LoRAConfig,
+    LoRAParam,
+    attach_lora,
+    merge_lora,
+    merged_policy,
+    plain_graphdef,
+    split_trainable,
+)
 from conspo_jax.models.sharding import LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, state_shardings
 from conspo_jax.models.transformer import (
     Transformer,
@@ -35,11 +45,14 @@ Policy = Transformer
 __all__ = [
     "KVCache",
     "LOGICAL_RULES",
+    "LoRAConfig",
+    "LoRAParam",
     "ModelConfig",
     "Policy",
     "REMAT_POLICIES",
     "Transformer",
     "abstract_policy",
+    "attach_lora",
     "batch_sharding",
     "compute_layer_params",
     "forward_cached",
@@ -53,10 +66,14 @@ __all__ = [
     "logical_to_spec",
     "make_mesh",
     "mask_positions",
+    "merge_lora",
+    "merged_policy",
+    "plain_graphdef",
     "policy_logits",
     "policy_state_shardings",
     "save_hf_policy",
     "segment_positions",
+    "split_trainable",
     "state_shardings",
     "token_logprobs",
 ]

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors.numpy import save_file
 
 from conspo_jax.models.config import ModelConfig
+from conspo_jax.models.lora import has_lora, merged_policy
 from conspo_jax.models.safetensors_io import CheckpointError, CheckpointReader, check_checkpoint_files, read_header
 from conspo_jax.models.sharding import state_shardings
 from conspo_jax.models.transformer import Transformer, abstract_policy
@@ -216,9 +217,12 @@ def save_hf_policy(
     dtype: storage dtype; default is the dtype the checkpoint was published in (`config.torch_dtype`),
     else the parameter dtype. Tensors are fetched one layer at a time, so host memory holds at most
     one shard. `copy_files_from` copies tokenizer / generation files from another checkpoint directory.
-    Returns the final path. Only process 0 writes.
+    A LoRA policy is written merged (W + scale * A @ B), loadable without peft; its adapters alone go
+    through `peft_io.save_peft_adapter`. Returns the final path. Only process 0 writes.
     """
     path = os.path.abspath(os.fspath(path))
+    if has_lora(policy):
+        policy = merged_policy(policy)
     config: ModelConfig = policy.config
     state = nnx.state(policy, nnx.Param)
     flat = dict(nnx.to_flat_state(state))

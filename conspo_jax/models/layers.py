@@ -1,5 +1,5 @@
 """Pure-function building blocks of the decoder layer: RMSNorm, RoPE (incl. llama3 scaling),
-grouped-query attention and SwiGLU. They take plain arrays so the layer stack can run under
+grouped-query attention and the LoRA low-rank path. They take plain arrays so the layer stack can run under
 `jax.lax.scan` + `jax.checkpoint` with stacked [L, ...] weights.
 """
 
@@ -9,7 +9,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from conspo_jax.models.config import ModelConfig
 
@@ -148,10 +147,17 @@ def slot_attention(
     return out.swapaxes(0, 1).reshape(b, n * q_chunk, *out.shape[3:])[:, :t]
 
 
-def swiglu(x_BxTxD, gate_DxF, up_DxF, down_FxD):
-    g = checkpoint_name(jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF), "mlp_gate")
-    u = checkpoint_name(jnp.einsum("btd,df->btf", x_BxTxD, up_DxF), "mlp_up")
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, down_FxD)
+def lora_delta(x_BxTxI, a_IxR: jax.Array, b_RxO: jax.Array, scale: float) -> jax.Array:
+    """The low-rank path of a LoRA projection, scale * (x @ A) @ B, without forming A @ B.
+
+    `a` is [in..., R] over the weight's input dims (which x's trailing dims match), `b` is [R, out...];
+    the result is [B, T, out...] like x @ W. Two thin matmuls cost 2 * tokens * R * (in + out) FLOPs, and
+    the backward needs no full-size weight gradient (only [in, R] and [R, out] ones), which is what makes
+    a frozen base cheaper to train than the merged form W + scale * A @ B.
+    """
+    xa_BxTxR = jnp.tensordot(x_BxTxI, a_IxR, axes=a_IxR.ndim - 1)
+    # The scale multiplies the R-wide activation, the smallest tensor on the path.
+    return jnp.tensordot(xa_BxTxR * scale, b_RxO, axes=1)
 
 
 # Activations the layer names with `checkpoint_name`; the 'names' policy saves exactly these: every

@@ -30,6 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA's R (8-64) is too small to split; A and B shard by their base weight's axes
     ("batch", ("data", "fsdp")),
     ("seq", None),
     ("act_embed", None),

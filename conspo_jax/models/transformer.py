@@ -93,7 +93,8 @@ def _all_specs(c: ModelConfig):
 
 
 class Layers(nnx.Module):
-    """All decoder layers' weights, each an nnx.Param of shape [L, ...]."""
+    """All decoder layers' weights, each an nnx.Param of shape [L, ...] (LoRA adapters, an nnx.Param
+    subclass, included: see conspo_jax/models/lora.py)."""
 
     def __init__(self, values: dict[str, nnx.Param]):
         for name, param in values.items():
@@ -140,6 +141,9 @@ class Transformer(nnx.Module):
         self.attn_impl = attn_impl
         self.attn_chunk = int(attn_chunk)
         self.mesh = mesh
+        # A LoRAConfig once conspo_jax.models.lora.attach_lora has added adapters (static: the layer
+        # code reads the scale from it under jit).
+        self.lora = None
         specs = _all_specs(config)
         make = _Init(rngs, [(shape, init) for _, _, shape, _, init in specs], config.initializer_range, param_dtype)
         layer_params = {}
@@ -184,14 +188,26 @@ def compute_layer_params(model: Transformer) -> dict[str, jax.Array]:
     return {name: w.astype(model.dtype) for name, w in model.layers.arrays().items()}
 
 
+def project(model: Transformer, p: dict[str, jax.Array], name: str, x, equation: str):
+    """x through layer weight `name` (`equation`, an einsum), plus its LoRA path when the layer has
+    adapters `{name}_lora_a` / `{name}_lora_b`. Without adapters this is exactly the plain einsum; with
+    B = 0 the low-rank term is exactly +0, so the output is bitwise the base model's."""
+    dt = model.dtype
+    # astype is free when the caller already cast the weights (compute_layer_params).
+    y = jnp.einsum(equation, x, p[name].astype(dt))
+    a = p.get(name + "_lora_a")
+    if a is not None:
+        y = y + L.lora_delta(x, a.astype(dt), p[name + "_lora_b"].astype(dt), model.lora.scale)
+    return y
+
+
 def qkv_projection(model: Transformer, p: dict[str, jax.Array], x_BxTxD, cos, sin):
     """Pre-norm + Q/K/V projections (+ bias, + q/k norm) + RoPE for one layer."""
     c, dt = model.config, model.dtype
     h = L.rms_norm(x_BxTxD, p["attn_norm"], c.rms_norm_eps)
-    # astype is free when the caller already cast the weights (compute_layer_params).
-    q = jnp.einsum("btd,dnh->btnh", h, p["q"].astype(dt))
-    k = jnp.einsum("btd,dnh->btnh", h, p["k"].astype(dt))
-    v = jnp.einsum("btd,dnh->btnh", h, p["v"].astype(dt))
+    q = project(model, p, "q", h, "btd,dnh->btnh")
+    k = project(model, p, "k", h, "btd,dnh->btnh")
+    v = project(model, p, "v", h, "btd,dnh->btnh")
     if c.qkv_bias:
         q, k, v = q + p["q_bias"].astype(dt), k + p["k_bias"].astype(dt), v + p["v_bias"].astype(dt)
     q, k, v = checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
@@ -208,10 +224,12 @@ def attn_output_and_mlp(model: Transformer, p: dict[str, jax.Array], x_BxTxD, o_
     """Output projection + residual, then pre-norm SwiGLU + residual."""
     c, dt = model.config, model.dtype
     o_BxTxHxE = checkpoint_name(o_BxTxHxE.astype(dt), "context")
-    x = x_BxTxD + checkpoint_name(jnp.einsum("btnh,nhd->btd", o_BxTxHxE, p["o"].astype(dt)), "out_proj")
+    x = x_BxTxD + checkpoint_name(project(model, p, "o", o_BxTxHxE, "btnh,nhd->btd"), "out_proj")
     x = constrain(x, model.mesh, ("batch", "seq", "act_embed"))
-    h = L.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    x = x + L.swiglu(h, p["gate"].astype(dt), p["up"].astype(dt), p["down"].astype(dt))
+    h_BxTxD = L.rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    g_BxTxF = checkpoint_name(project(model, p, "gate", h_BxTxD, "btd,df->btf"), "mlp_gate")
+    u_BxTxF = checkpoint_name(project(model, p, "up", h_BxTxD, "btd,df->btf"), "mlp_up")
+    x = x + project(model, p, "down", jax.nn.silu(g_BxTxF) * u_BxTxF, "btf,fd->btd")
     return constrain(x, model.mesh, ("batch", "seq", "act_embed"))
 
 

@@ -58,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
             remat="none",
             logprob_chunk=0,
             overrides=ml_collections.ConfigDict(),  # ModelConfig fields to replace (tiny models)
+            # LoRA (conspo_jax/models/lora.py): rank 0 trains every weight; rank > 0 trains adapters on the
+            # targets (of q,k,v,o,gate,up,down) with scale alpha / rank and freezes the rest. All seven at a
+            # small rank is the setting "LoRA Without Regret" (Thinking Machines, 2025) finds matches full RL.
+            lora=ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets="q,k,v,o,gate,up,down")),
         )
     )
     c.tokenizer = ""  # defaults to model.path; 'arith' builds the synthetic task's tokenizer
