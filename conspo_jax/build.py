@@ -223,9 +223,8 @@ def _jax_engine(config, policy, tokenizer, mesh, *, version, **overrides):
 
 
 def _sidecar_client(config, policy, tokenizer, mesh, *, version, **overrides):
-    # Imported here, not at the top: the sidecar package imports this module (no cycle), and grpc
-    # stays out of runs that never talk to a sidecar.
-    from conspo_jax.sidecar.client import SidecarClient
+    # Imported here, not at the top: grpc stays out of runs that never talk to a sidecar.
+    from conspo_jax.rollout.sidecar_client import SidecarClient
 
     return SidecarClient.from_config(config, tokenizer=tokenizer, policy=policy, version=version, **overrides)
 

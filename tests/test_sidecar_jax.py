@@ -11,7 +11,7 @@ from flax import nnx
 
 from conspo_jax.configs import load_config_module
 from conspo_jax.rollout.engine import SamplingParams
-from conspo_jax.sidecar.client import SidecarClient
+from conspo_jax.rollout.sidecar_client import SidecarClient
 from conspo_jax.sidecar.server import SidecarOptions, serve
 from conspo_jax.train.step import trainer_logprobs
 

@@ -7,9 +7,9 @@ import grpc
 import pytest
 
 from conspo_jax.rollout.engine import SamplingParams
-from conspo_jax.sidecar import rollout_pb2 as pb
-from conspo_jax.sidecar import rollout_pb2_grpc as pb_grpc
-from conspo_jax.sidecar.client import SidecarClient, SidecarError
+from conspo_jax.rollout.sidecar_client import SidecarClient, SidecarError
+from conspo_jax.rollout.wire import rollout_pb2 as pb
+from conspo_jax.rollout.wire import rollout_pb2_grpc as pb_grpc
 from conspo_jax.sidecar.engines import build_engine
 from conspo_jax.sidecar.server import SidecarOptions, serve
 

@@ -155,7 +155,7 @@ def test_weights_update_from_disk_then_flush_cache():
 
 def test_served_through_the_sidecar(tmp_path):
     """The SGLang wrapper behind the real gRPC server, PushWeights included."""
-    from conspo_jax.sidecar.client import SidecarClient
+    from conspo_jax.rollout.sidecar_client import SidecarClient
     from conspo_jax.sidecar.server import SidecarOptions, serve
 
     fake = StandInSGLangEngine()

@@ -10,10 +10,10 @@ import pytest
 
 from conspo_jax.configs import UsageError
 from conspo_jax.rollout.engine import SamplingParams
-from conspo_jax.sidecar import rollout_pb2 as pb
-from conspo_jax.sidecar import rollout_pb2_grpc as pb_grpc
+from conspo_jax.rollout.sidecar_client import SidecarClient
+from conspo_jax.rollout.wire import rollout_pb2 as pb
+from conspo_jax.rollout.wire import rollout_pb2_grpc as pb_grpc
 from conspo_jax.sidecar.__main__ import main as sidecar_main
-from conspo_jax.sidecar.client import SidecarClient
 from conspo_jax.sidecar.engines import build_engine
 from conspo_jax.sidecar.server import SidecarOptions, is_loopback, serve
 

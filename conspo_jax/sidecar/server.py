@@ -35,16 +35,14 @@ import grpc
 
 from conspo_jax.configs import UsageError
 from conspo_jax.rollout.sglang_engine import sample_seed
-from conspo_jax.sidecar import codec, verifiers
-from conspo_jax.sidecar import rollout_pb2 as pb
-from conspo_jax.sidecar import rollout_pb2_grpc as pb_grpc
+from conspo_jax.rollout.wire import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV, codec
+from conspo_jax.rollout.wire import rollout_pb2 as pb
+from conspo_jax.rollout.wire import rollout_pb2_grpc as pb_grpc
+from conspo_jax.rollout.wire.weights import default_weights_dir, resolve_inside
+from conspo_jax.sidecar import verifiers
 from conspo_jax.sidecar.engines import EngineHandle, build_engine
-from conspo_jax.sidecar.weights import default_weights_dir, resolve_inside
 
 log = logging.getLogger(__name__)
-
-TOKEN_ENV = "CONSPO_SIDECAR_TOKEN"
-DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
