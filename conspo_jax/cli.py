@@ -11,8 +11,8 @@ import sys
 
 from absl import flags
 
-from conspo_jax import logs
-from conspo_jax.configs import UsageError, parse_command_line, stderr_line
+from conspo_jax.base import logs
+from conspo_jax.base.configs import UsageError, parse_command_line, stderr_line
 
 USAGE = """usage: conspo COMMAND --config path/to/experiment.py[:arg] [--config.key=value ...] [options]
        conspo import-gguf FILE.gguf OUT_DIR [--dtype float32|bfloat16|float16] [--overwrite]
@@ -68,7 +68,7 @@ def _sidecar_flags(fv):
 
 
 # Commands that run on every host of a multi-process job: main() gives them --distributed and starts
-# jax.distributed (conspo_jax/distributed.py) after parsing and before the command touches a device.
+# jax.distributed (conspo_jax/base/distributed.py) after parsing and before the command touches a device.
 MULTI_PROCESS_COMMANDS = ("train", "eval", "profile")
 
 
@@ -83,7 +83,7 @@ def _with_distributed_flag(define):
 def start_processes(fv) -> None:
     """Multi-process start-up from --distributed / distributed.* / JAX_COORDINATOR_ADDRESS (a no-op
     for one process); main() calls it for every command in MULTI_PROCESS_COMMANDS."""
-    from conspo_jax import distributed
+    from conspo_jax.base import distributed
 
     distributed.initialize(fv.config, enabled=fv.distributed)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conspo_jax.configs import load_config_module
+from conspo_jax.base.configs import load_config_module
 from conspo_jax.rollout.engine import SamplingParams
 from conspo_jax.rollout.sidecar_client import SidecarClient
 from conspo_jax.sidecar.server import SidecarOptions, serve
@@ -27,7 +27,7 @@ def smoke_config():
 
 
 def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):
-    from conspo_jax import build
+    from conspo_jax.run import build
 
     config = smoke_config()
     srv = serve(

@@ -8,7 +8,7 @@ import socket
 import grpc
 import pytest
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 from conspo_jax.rollout.engine import SamplingParams
 from conspo_jax.rollout.sidecar_client import SidecarClient
 from conspo_jax.rollout.wire import rollout_pb2 as pb

@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 from conspo_jax.rewards.extract import extract_boxed
 
 DATA_DIR_ENV = "CONSPO_DATA_DIR"

@@ -33,7 +33,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import grpc
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 from conspo_jax.rollout.sglang_engine import sample_seed
 from conspo_jax.rollout.wire import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV, codec
 from conspo_jax.rollout.wire import rollout_pb2 as pb

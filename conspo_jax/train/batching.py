@@ -12,7 +12,7 @@ import flax
 import jax
 import numpy as np
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 
 
 @flax.struct.dataclass

@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from conspo_jax import distributed
+from conspo_jax.base import distributed
 from conspo_jax.objectives import fill_batch_with_varied_groups, shape_overlong_rewards
 from conspo_jax.rollout import Rollouts
 

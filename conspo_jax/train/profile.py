@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conspo_jax import logs
 from conspo_jax import profiling as P
-from conspo_jax.configs import UsageError
+from conspo_jax.base import logs
+from conspo_jax.base.configs import UsageError
 from conspo_jax.models import init_kv_cache
 from conspo_jax.rollout.decode import empty_rows, window_for
 from conspo_jax.rollout.jax_engine import _MAX_STOP_IDS, JaxEngine

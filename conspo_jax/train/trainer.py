@@ -1,6 +1,6 @@
 """The RLVR training loop as stages: collect -> make_batches -> update -> after_step.
 
-``Trainer`` owns what a run holds (the built objects from ``conspo_jax.build``, the train state, the
+``Trainer`` owns what a run holds (the built objects from ``conspo_jax.run.build``, the train state, the
 jitted step functions, the reference parameters); ``train(config, workdir)`` is what ``conspo train``
 runs, and re-running it resumes. Each stage is one method with a typed result, so a new feature
 (overlapped rollouts, dynamic sampling, another writer) has one obvious place to go.
@@ -20,13 +20,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from conspo_jax import build, distributed, logs
-from conspo_jax.configs import UsageError, config_to_json
+from conspo_jax.base import distributed, logs
+from conspo_jax.base.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
 from conspo_jax.evals.runner import evaluate
 from conspo_jax.models import save_hf_policy
 from conspo_jax.objectives import check_rewards, get_objective, resolve_dapo_rollout
 from conspo_jax.rollout import SamplingParams
+from conspo_jax.run import build
 from conspo_jax.train import inflight
 from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
 from conspo_jax.train.checkpoint import Checkpointer

@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from transformers import AutoTokenizer
 
-from conspo_jax.configs import UsageError, require
+from conspo_jax.base.configs import UsageError, require
+from conspo_jax.base.xla_cache import host_cache_dir
 from conspo_jax.data import arith
 from conspo_jax.data.math_data import load_dataset_spec
 from conspo_jax.data.prompts import encode_prompt
@@ -29,14 +30,13 @@ from conspo_jax.models import ModelConfig, get_model_config, init_policy, load_h
 from conspo_jax.rewards import Verdict, default_pool
 from conspo_jax.rollout.engine import MockEngine, RolloutEngine, reverse_echo_script
 from conspo_jax.rollout.jax_engine import JaxEngine
-from conspo_jax.validation import validate_config
-from conspo_jax.xla_cache import host_cache_dir
+from conspo_jax.run.validation import validate_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def validate(config) -> None:
-    """Checks every value and path of the config before anything runs (``conspo_jax.validation``);
+    """Checks every value and path of the config before anything runs (``conspo_jax.run.validation``);
     raises ``UsageError`` naming the key and the value."""
     validate_config(config)
 
@@ -45,7 +45,7 @@ def enable_compilation_cache(config) -> None:
     """Persists compiled XLA programs so a resumed or repeated run skips recompilation.
 
     ``JAX_COMPILATION_CACHE_DIR`` in the environment wins over ``config.xla_cache_dir``; '' disables.
-    The config's directory gets a subdirectory per host CPU (``conspo_jax.xla_cache``), so machines
+    The config's directory gets a subdirectory per host CPU (``conspo_jax.base.xla_cache``), so machines
     that share a home directory never load each other's native code.
     """
     path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or (
