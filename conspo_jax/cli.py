@@ -141,7 +141,7 @@ def _profile_flags(fv):
 
 
 def _run_profile(fv):
-    from conspo_jax.train.profile import profile
+    from conspo_jax.profiling.command import profile
 
     if not fv.workdir:
         raise UsageError("--workdir is required for profile")
