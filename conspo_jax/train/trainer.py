@@ -8,7 +8,6 @@ runs, and re-running it resumes. Each stage is one method with a typed result, s
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from conspo_jax.train.collect import (
 )
 from conspo_jax.train.diagnostics import write_credit_dump
 from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
+from conspo_jax.train.producer import Producer
 from conspo_jax.train.resume import check_resume_config
 from conspo_jax.train.sft import cached_warm_start
 from conspo_jax.train.step import (
@@ -126,13 +126,13 @@ class Trainer:
         self.inflight_dir = os.path.join(workdir, "inflight")
         # Overlapped runs: step t+1's batch (made by a producer thread while step t trains) and the thread.
         self.pending = inflight.load(self.inflight_dir, self.start, RolloutBatch) if self.resumed else None
-        self.producer = concurrent.futures.ThreadPoolExecutor(1, "rollouts") if self.async_steps else None
+        self.producer = Producer(self.async_steps, max_staleness=config.rollout.sidecar.max_staleness)
         self.writer = (
             MetricsWriter(workdir, resume_step=self.start if self.resumed else None) if self.primary else _NoWriter()
         )
         self.engine = build.make_engine(
             config,
-            nnx.merge(self.graphdef, self._engine_weights(), self.rest),
+            nnx.merge(self.graphdef, self.producer.engine_weights(self.state.params), self.rest),
             self.tokenizer,
             self.mesh,
             version=self.start,
@@ -441,7 +441,7 @@ class Trainer:
         The engine is idle here in both modes (an overlapped run has collected step ``done``'s batch).
         """
         c = self.config
-        self.engine.sync(nnx.merge_state(self._engine_weights(), self.rest), done)
+        self.engine.sync(nnx.merge_state(self.producer.engine_weights(self.state.params), self.rest), done)
         if c.eval.every and (done % c.eval.every == 0 or done == self.total_steps):
             row.update(self.evaluate(done))
         self.writer.write(done, row)
@@ -452,28 +452,9 @@ class Trainer:
             inflight.prune(self.inflight_dir, self.ckpt.all_steps())
             self._write_results()
 
-    def _engine_weights(self):
-        """The parameters the engine samples from: the train state's own, or a copy when overlapped.
-
-        An overlapped run's producer thread samples while the next update donates (and so deletes) the
-        train state's buffers, from the very first step on.
-        """
-        if self.async_steps:
-            return jax.tree.map(jnp.copy, self.state.params)
-        return self.state.params
-
     def check_staleness(self, rb: RolloutBatch, step: int) -> RolloutBatch:
-        """The rollouts trained on at ``step`` came from weights at most ``rollout.async_steps`` versions old."""
-        if rb.step != step:
-            raise RuntimeError(f"step {step} got the rollouts collected for step {rb.step}")
-        staleness = step - int(rb.rollouts.weight_version)
-        limit = self.async_steps + int(self.config.rollout.sidecar.max_staleness)
-        if staleness > limit:
-            raise RuntimeError(
-                f"step {step} got rollouts from weight version {rb.rollouts.weight_version}: {staleness} "
-                f"versions old, over the bound of {limit} (rollout.async_steps + rollout.sidecar.max_staleness)"
-            )
-        return rb
+        """``rb`` if it was collected for ``step`` from recent enough weights (conspo_jax/train/producer.py)."""
+        return self.producer.check_staleness(rb, step)
 
     # ---- evaluation and outputs ------------------------------------------------------------------
 
@@ -553,8 +534,7 @@ class Trainer:
             )
 
     def close(self) -> None:
-        if self.producer is not None:
-            self.producer.shutdown(wait=True, cancel_futures=True)
+        self.producer.close()
         self.writer.close()
         self.ckpt.close()
         self.engine.close()
@@ -572,12 +552,10 @@ class Trainer:
         for step in range(self.start, self.total_steps):
             t0 = time.time()
             rb, self.pending = self.pending or self.collect(step), None
-            future = None
-            if self.async_steps and step + 1 < self.total_steps:
-                future = self.producer.submit(self.collect, step + 1)  # overlaps this step's update
+            future = self.producer.submit(self.collect, step + 1, self.total_steps)  # overlaps this update
             row = self.update(self.make_batches(self.check_staleness(rb, step)), step)
             t_wait = time.time()
-            self.pending = future.result() if future is not None else None
+            self.pending = self.producer.wait(future)
             row.update(rollout_metrics(rb, row, t0), **{"time/wait_rollouts_s": time.time() - t_wait})
             done = step + 1
             self.after_step(done, row)
