@@ -27,7 +27,6 @@ from conspo_jax.models import save_hf_policy
 from conspo_jax.objectives import check_rewards, get_objective, resolve_dapo_rollout
 from conspo_jax.rollout import SamplingParams
 from conspo_jax.run import build
-from conspo_jax.train import inflight
 from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
 from conspo_jax.train.checkpoint import Checkpointer
 from conspo_jax.train.collect import (
@@ -40,6 +39,7 @@ from conspo_jax.train.collect import (
     shape_rewards,
 )
 from conspo_jax.train.diagnostics import write_credit_dump
+from conspo_jax.train.inflight import InflightStore
 from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
 from conspo_jax.train.producer import Producer
 from conspo_jax.train.resume import check_resume_config
@@ -123,9 +123,10 @@ class Trainer:
         # function donates (and so deletes) the device train state.
         self.rng_host = np.asarray(jax.device_get(self.state.rng))
         self.async_steps = int(config.rollout.async_steps)
-        self.inflight_dir = os.path.join(workdir, "inflight")
-        # Overlapped runs: step t+1's batch (made by a producer thread while step t trains) and the thread.
-        self.pending = inflight.load(self.inflight_dir, self.start, RolloutBatch) if self.resumed else None
+        # Overlapped runs: step t+1's batch (made by the producer's thread while step t trains) and the thread.
+        self.inflight = InflightStore(os.path.join(workdir, "inflight"), RolloutBatch)
+        if self.resumed:
+            self.inflight.restore(self.start)
         self.producer = Producer(self.async_steps, max_staleness=config.rollout.sidecar.max_staleness)
         self.writer = (
             MetricsWriter(workdir, resume_step=self.start if self.resumed else None) if self.primary else _NoWriter()
@@ -446,10 +447,9 @@ class Trainer:
             row.update(self.evaluate(done))
         self.writer.write(done, row)
         if done % c.train.ckpt_every == 0 or done == self.total_steps:
-            if self.pending is not None:  # written first: a checkpoint never lacks the batch it expects
-                inflight.save(self.inflight_dir, done, self.pending)
+            self.inflight.save(done)  # first: a checkpoint never lacks the batch it expects
             self._save_checkpoint(done)
-            inflight.prune(self.inflight_dir, self.ckpt.all_steps())
+            self.inflight.prune(self.ckpt.all_steps())
             self._write_results()
 
     def check_staleness(self, rb: RolloutBatch, step: int) -> RolloutBatch:
@@ -551,11 +551,11 @@ class Trainer:
         row, done = {}, self.start
         for step in range(self.start, self.total_steps):
             t0 = time.time()
-            rb, self.pending = self.pending or self.collect(step), None
+            rb = self.inflight.take() or self.collect(step)
             future = self.producer.submit(self.collect, step + 1, self.total_steps)  # overlaps this update
             row = self.update(self.make_batches(self.check_staleness(rb, step)), step)
             t_wait = time.time()
-            self.pending = self.producer.wait(future)
+            self.inflight.put(self.producer.wait(future))
             row.update(rollout_metrics(rb, row, t0), **{"time/wait_rollouts_s": time.time() - t_wait})
             done = step + 1
             self.after_step(done, row)
