@@ -24,20 +24,11 @@ from conspo_jax.base.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
 from conspo_jax.evals.runner import evaluate
 from conspo_jax.models import save_hf_policy
-from conspo_jax.objectives import check_rewards, get_objective, resolve_dapo_rollout
-from conspo_jax.rollout import SamplingParams
+from conspo_jax.objectives import get_objective, resolve_dapo_rollout
 from conspo_jax.run import build
 from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
 from conspo_jax.train.checkpoint import Checkpointer
-from conspo_jax.train.collect import (
-    RolloutBatch,
-    Round,
-    dynamic_batch,
-    gather_groups,
-    rollout_metrics,
-    round_seed,
-    shape_rewards,
-)
+from conspo_jax.train.collect import Collector, RolloutBatch, rollout_metrics
 from conspo_jax.train.diagnostics import write_credit_dump
 from conspo_jax.train.inflight import InflightStore
 from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
@@ -137,6 +128,17 @@ class Trainer:
             self.tokenizer,
             self.mesh,
             version=self.start,
+        )
+        self.collector = Collector(
+            r,
+            task=self.task,
+            tokenizer=self.tokenizer,
+            data_iter=self.data_iter,
+            rng_host=self.rng_host,
+            stop_ids=self.stop_ids,
+            dynamic_sampling=self.dynamic_sampling,
+            overlong_buffer=self.overlong_buffer,
+            batches_per_round=self.batches_per_round,
         )
         self.width = config.data.max_prompt_len
         self.needs_old_logp = self.objective_fn.uses_old_logp and config.train.mini_batches > 1
@@ -300,76 +302,9 @@ class Trainer:
     # ---- stages --------------------------------------------------------------------------------
 
     def collect(self, step: int) -> RolloutBatch:
-        """Generates the step's rollouts and verifies them (unless the engine already did).
-
-        With dynamic sampling, generates rounds of fresh prompts until ``prompts_per_step`` groups with
-        varied rewards are found or ``rollout.max_sampling_rounds`` is reached; overlong shaping then adds
-        DAPO's length penalty to the rewards (conspo_jax/train/collect.py).
-
-        With ``rollout.async_steps=1`` it runs on the producer thread, so it reads no device train state.
-        """
-        r = self.config.rollout
-        t0 = time.time()
-        rounds = [self._generate_round(step, 0)]
-        stats, mask = {}, None
-        if self.dynamic_sampling:
-            while True:
-                picks, mask, stats = dynamic_batch(rounds, target_groups=r.prompts_per_step, n=r.n)
-                if not stats["rollout/padded_groups"] or len(rounds) >= r.max_sampling_rounds:
-                    break
-                rounds.append(self._generate_round(step, len(rounds)))
-            records, prompts, rollouts, raw = gather_groups(rounds, picks, r.n)
-        else:
-            records, prompts, rollouts, raw = (
-                rounds[0].records,
-                rounds[0].prompts,
-                rounds[0].rollouts,
-                rounds[0].rewards_R,
-            )
-        rewards, shaping = shape_rewards(
-            raw,
-            rollouts.completion_lens_R,
-            max_len=r.max_new_tokens,
-            buffer=self.overlong_buffer,
-            penalty=r.overlong_penalty,
-            rollout_mask_R=mask,
-        )
-        stats.update(shaping)
-        # reward/mean: the policy's accuracy on the step's first draw of prompts, comparable across objectives
-        # (the trained batch is biased towards mixed groups when dynamic sampling is on).
-        stats["reward/mean"] = float(np.mean(rounds[0].rewards_R))
-        if self.dynamic_sampling or self.overlong_buffer:
-            real = np.ones_like(rewards) if mask is None else mask
-            stats["reward/trained_mean"] = float(np.sum(rewards * real) / max(np.sum(real), 1.0))
-        stats["time/collect_s"] = time.time() - t0  # all rounds, verification and shaping included
-        generate_s = sum(rd.generate_s for rd in rounds)  # the engine calls alone, as before dynamic sampling
-        return RolloutBatch(records, prompts, rollouts, rewards, generate_s, mask, stats, step)
-
-    def _generate_round(self, step: int, index: int) -> Round:
-        """Generation round ``index`` of ``step``: the next data batch(es), sampled and verified."""
-        r = self.config.rollout
-        records = [rec for _ in range(self.batches_per_round) for rec in next(self.data_iter)]  # {id, problem, answer}
-        prompts = [self.task.encode(rec) for rec in records]
-        sampling = SamplingParams(
-            n=r.n,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            max_new_tokens=r.max_new_tokens,
-            stop_token_ids=self.stop_ids,
-            seed=round_seed(self.rng_host, step, index),
-        )
-        answers = [rec["answer"] for rec in records]
-        ids = [str(rec.get("id", i)) for i, rec in enumerate(records)]
-        t0 = time.time()
-        rollouts = self.engine.generate(prompts, sampling, answers=answers, prompt_ids=ids)
-        generate_s = time.time() - t0
-        rewards = rollouts.rewards_R
-        if rewards is None:
-            texts = self.tokenizer.batch_decode(rollouts.completions(), skip_special_tokens=True)
-            rewards = self.task.reward(texts, [answers[g] for g in rollouts.group_ids_R])
-        check_rewards(rewards)  # a non-finite reward is an error naming the rollout, for every objective
-        return Round(records, prompts, rollouts, np.asarray(rewards, np.float32), generate_s)
+        """The step's rollouts, verified and shaped (conspo_jax/train/collect.py); on the producer's thread
+        when overlapped."""
+        return self.collector.collect(self.engine, step)
 
     def make_batches(self, rb: RolloutBatch) -> list[RLBatch]:
         """One ``RLBatch`` of stacked micro-batches per optimizer update, old-policy log-probs included."""
