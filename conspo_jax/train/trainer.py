@@ -22,7 +22,6 @@ from tqdm import tqdm
 from conspo_jax.base import distributed, logs
 from conspo_jax.base.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
-from conspo_jax.evals.runner import evaluate
 from conspo_jax.models import save_hf_policy
 from conspo_jax.objectives import get_objective, resolve_dapo_rollout
 from conspo_jax.run import build
@@ -30,6 +29,7 @@ from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layou
 from conspo_jax.train.checkpoint import Checkpointer
 from conspo_jax.train.collect import Collector, RolloutBatch, rollout_metrics
 from conspo_jax.train.diagnostics import write_credit_dump
+from conspo_jax.train.evaluation import Evaluator
 from conspo_jax.train.inflight import InflightStore
 from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
 from conspo_jax.train.producer import Producer
@@ -44,9 +44,6 @@ from conspo_jax.train.step import (
 )
 
 log = logging.getLogger(__name__)
-
-HELD_OUT = "heldout"  # the synthetic task's held-out split, as the evaluator names it
-_EVAL_SEED_OFFSET = 10_000  # held-out sampling seed = config.seed + this (kept from the first demo runs)
 
 
 class Trainer:
@@ -139,6 +136,9 @@ class Trainer:
             dynamic_sampling=self.dynamic_sampling,
             overlong_buffer=self.overlong_buffer,
             batches_per_round=self.batches_per_round,
+        )
+        self.evaluator = Evaluator(
+            config, task=self.task, tokenizer=self.tokenizer, stop_ids=self.stop_ids, workdir=workdir
         )
         self.width = config.data.max_prompt_len
         self.needs_old_logp = self.objective_fn.uses_old_logp and config.train.mini_batches > 1
@@ -378,7 +378,7 @@ class Trainer:
         """
         c = self.config
         self.engine.sync(nnx.merge_state(self.producer.engine_weights(self.state.params), self.rest), done)
-        if c.eval.every and (done % c.eval.every == 0 or done == self.total_steps):
+        if self.evaluator.due(done, self.total_steps):
             row.update(self.evaluate(done))
         self.writer.write(done, row)
         if done % c.train.ckpt_every == 0 or done == self.total_steps:
@@ -394,47 +394,8 @@ class Trainer:
     # ---- evaluation and outputs ------------------------------------------------------------------
 
     def evaluate(self, step: int) -> dict:
-        """Scalars for metrics.jsonl: held-out accuracy (synthetic task) or the paper's benchmarks (math).
-
-        Both go through ``conspo_jax.evals.evaluate`` with the task's prompt encoding and verifier, and
-        write results.json / samples.jsonl under ``<workdir>/eval/step_<step>``.
-        """
-        c, e = self.config, self.config.eval
-        opts = dict(
-            out_dir=os.path.join(self.workdir, "eval", f"step_{step}"),
-            max_new_tokens=e.max_new_tokens or c.rollout.max_new_tokens,
-            temperature=e.temperature,
-            top_p=e.top_p,
-            stop_token_ids=self.stop_ids,
-            label=f"step {step}",
-            progress=c.train.progress_bar,
-            encode=self.task.encode,
-            verify=self.task.verify,
-        )
-        if self.task.eval_records:
-            seed = c.seed + _EVAL_SEED_OFFSET
-            res = evaluate(
-                self.engine,
-                self.tokenizer,
-                {HELD_OUT: self.task.eval_records},
-                k_overrides=e.n,
-                seed=seed,
-                chunk_seed=lambda name, start: seed + start,
-                rows_per_call=max(256, len(self.task.eval_records) * e.n),
-                **opts,
-            )
-            held_out = res["benchmarks"][HELD_OUT]
-            # The boxed rate beside the accuracy tells format learning from getting answers right.
-            return {"eval/accuracy": held_out["score"] / 100.0, "eval/boxed_rate": 1.0 - held_out["no_box_frac"]}
-        names = [b for b in str(e.benchmarks).split(",") if b]
-        if not names:
-            return {}
-        res = evaluate(
-            self.engine, self.tokenizer, names, k_overrides=e.k or None, seed=c.seed, limit=e.limit or None, **opts
-        )
-        out = {f"eval/{name}": float(b["score"]) for name, b in res["benchmarks"].items()}
-        out["eval/accuracy"] = float(res["average"])
-        return out
+        """Held-out or benchmark scalars for metrics.jsonl, through the run's engine (conspo_jax/train/evaluation.py)."""
+        return self.evaluator.evaluate(self.engine, step)
 
     def _write_results(self, indent=None) -> None:
         if self.primary:
