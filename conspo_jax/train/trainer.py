@@ -8,7 +8,6 @@ runs, and re-running it resumes. Each stage is one method with a typed result, s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,7 +21,6 @@ from tqdm import tqdm
 from conspo_jax.base import distributed, logs
 from conspo_jax.base.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
-from conspo_jax.models import save_hf_policy
 from conspo_jax.objectives import get_objective, resolve_dapo_rollout
 from conspo_jax.run import build
 from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
@@ -30,8 +28,9 @@ from conspo_jax.train.checkpoint import Checkpointer
 from conspo_jax.train.collect import Collector, RolloutBatch, rollout_metrics
 from conspo_jax.train.diagnostics import write_credit_dump
 from conspo_jax.train.evaluation import Evaluator
+from conspo_jax.train.export import RunOutputs
 from conspo_jax.train.inflight import InflightStore
-from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
+from conspo_jax.train.metrics import MetricsWriter, atomic_write
 from conspo_jax.train.producer import Producer
 from conspo_jax.train.resume import check_resume_config
 from conspo_jax.train.sft import cached_warm_start
@@ -147,7 +146,7 @@ class Trainer:
         self.old_logp_fn = self._build_old_logp_fn(example) if self.needs_old_logp else None
         self.step_fn = self._build_step_fn()
         self._diag_logp_fn = None  # built on the first train.diagnostics_every step
-        self.results = self._load_results()
+        self.outputs = RunOutputs(workdir, primary=self.primary, resumed=self.resumed)
         self._nonfinite_run = 0
         # Written last: a run whose config fails to build leaves an existing run directory untouched.
         if self.primary:
@@ -285,20 +284,6 @@ class Trainer:
             tis_cap=float(self.config.rollout.tis_cap),
         )
 
-    def _load_results(self) -> dict:
-        """results.json of the run being resumed; if it is unreadable (a pre-atomic-write crash), the
-        before-RL accuracy is recovered from metrics.jsonl's step-0 row."""
-        path = os.path.join(self.workdir, "results.json")
-        if not self.resumed or not os.path.exists(path):
-            return {}
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except json.JSONDecodeError:
-            rows = [r for r in read_metrics(self.workdir) if r["step"] == 0 and "eval/accuracy" in r]
-            log.info(f"{path} was unreadable; rebuilt it from metrics.jsonl")
-            return {"eval/accuracy_before": rows[0]["eval/accuracy"]} if rows else {}
-
     # ---- stages --------------------------------------------------------------------------------
 
     def collect(self, step: int) -> RolloutBatch:
@@ -385,7 +370,7 @@ class Trainer:
             self.inflight.save(done)  # first: a checkpoint never lacks the batch it expects
             self._save_checkpoint(done)
             self.inflight.prune(self.ckpt.all_steps())
-            self._write_results()
+            self.outputs.write_results()
 
     def check_staleness(self, rb: RolloutBatch, step: int) -> RolloutBatch:
         """``rb`` if it was collected for ``step`` from recent enough weights (conspo_jax/train/producer.py)."""
@@ -397,37 +382,18 @@ class Trainer:
         """Held-out or benchmark scalars for metrics.jsonl, through the run's engine (conspo_jax/train/evaluation.py)."""
         return self.evaluator.evaluate(self.engine, step)
 
-    def _write_results(self, indent=None) -> None:
-        if self.primary:
-            atomic_write(os.path.join(self.workdir, "results.json"), json.dumps(self.results, indent=indent))
-
     def evaluate_at_start(self) -> None:
         if self.start == 0 and self.config.eval.at_start:
             ev = self.evaluate(0)
             if ev:
-                self.results["eval/accuracy_before"] = ev["eval/accuracy"]
+                self.outputs.results["eval/accuracy_before"] = ev["eval/accuracy"]
                 self.writer.write(0, ev)
                 log.info(f"held-out accuracy before RL: {ev['eval/accuracy']:.3f}")
 
     def finish(self, last_row: dict) -> None:
-        """Results, the reward curve, the HF export and the before/after line of a completed run."""
-        if "eval/accuracy" in last_row:
-            self.results["eval/accuracy_after"] = last_row["eval/accuracy"]
-        self._write_results(indent=2)
-        if self.primary:
-            plot_reward_curve(self.workdir)
-        if self.config.train.export_hf:
-            export = os.path.join(self.workdir, "hf")
-            # Every process joins the parameter gathers; process 0 writes.
-            save_hf_policy(nnx.merge(self.graphdef, self.state.params, self.rest), export)
-            if self.primary:
-                self.tokenizer.save_pretrained(export)
-                log.info(f"exported the trained policy as a Hugging Face checkpoint: {export}")
-        if "eval/accuracy_before" in self.results and "eval/accuracy_after" in self.results:
-            b, a = self.results["eval/accuracy_before"], self.results["eval/accuracy_after"]
-            log.info(
-                f"held-out accuracy: before RL {100 * b:.1f}%  after RL {100 * a:.1f}%  ({100 * (a - b):+.1f} points)"
-            )
+        """results.json, the reward curve and the HF export of a completed run (conspo_jax/train/export.py)."""
+        policy = nnx.merge(self.graphdef, self.state.params, self.rest) if self.config.train.export_hf else None
+        self.outputs.finish(last_row, policy=policy, tokenizer=self.tokenizer)
 
     def close(self) -> None:
         self.producer.close()
