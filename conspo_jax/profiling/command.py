@@ -1,7 +1,7 @@
 """`conspo profile`: an XLA profiling run of exactly the programs `conspo train` runs.
 
 A ``Trainer`` is built from the config (the build layer, the train state, the jitted update of
-``Trainer._build_step_fn``, the rollout engine) without its supervised warm start: programs and shapes
+``conspo_jax.train.programs``, the rollout engine) without its supervised warm start: programs and shapes
 are training's, the weights random (or a run's last checkpoint when the workdir holds one). Profiled:
 
 - train:   the RL update, one call = every micro-batch of one mini-batch (``Trainer.step_fn``);
@@ -185,7 +185,7 @@ def synthetic_batch(example, *, vocab: int, seed: int = 0):
 
 def _train(trainer: Trainer, model_config, steps, peak, peak_how, programs) -> dict:
     workdir, vocab = trainer.workdir, model_config.vocab_size
-    example = trainer._example_batch()
+    example = trainer.example
     batch = synthetic_batch(example, vocab=vocab, seed=trainer.config.seed)
     batch = jax.device_put(batch, micro_batch_shardings(batch, trainer.mesh))
     progress = jnp.float32(0.5)

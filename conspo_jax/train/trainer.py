@@ -2,8 +2,15 @@
 
 ``Trainer`` owns what a run holds (the built objects from ``conspo_jax.run.build``, the train state, the
 jitted step functions, the reference parameters); ``train(config, workdir)`` is what ``conspo train``
-runs, and re-running it resumes. Each stage is one method with a typed result, so a new feature
-(overlapped rollouts, dynamic sampling, another writer) has one obvious place to go.
+runs, and re-running it resumes. Each stage is one method with a typed result; the work behind them sits
+in modules of one purpose each, so a new feature has one obvious place to go:
+
+  collect.py     the collect stage (generation rounds, verification, dynamic sampling, shaping)
+  producer.py    overlapped rollouts: the next step's collect on a thread, the staleness bound
+  inflight.py    the batch in flight between two steps, saved beside each checkpoint
+  programs.py    the jitted update and old-policy log-probs, built from the config's shapes
+  evaluation.py  held-out or benchmark evaluation when due
+  export.py      results.json, the reward curve and the HF export of a finished run
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from conspo_jax.base.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
 from conspo_jax.objectives import get_objective, resolve_dapo_rollout
 from conspo_jax.run import build
-from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
-from conspo_jax.train.checkpoint import Checkpointer
+from conspo_jax.train import programs
+from conspo_jax.train.batching import RLBatch, build_rl_batch, process_layout, split_micro_batches
+from conspo_jax.train.checkpoint import Checkpointer, gather_data_states, local_data_state
 from conspo_jax.train.collect import Collector, RolloutBatch, rollout_metrics
 from conspo_jax.train.diagnostics import write_credit_dump
 from conspo_jax.train.evaluation import Evaluator
@@ -38,7 +46,6 @@ from conspo_jax.train.step import (
     init_train_state,
     make_logprob_fn,
     make_optimizer,
-    make_train_step,
     micro_batch_shardings,
 )
 
@@ -90,7 +97,7 @@ class Trainer:
         self.batches_per_round = r.oversample if self.dynamic_sampling else 1
         if self.dynamic_sampling:  # the worst case: every step runs every round; the stream never runs dry
             num_epochs *= r.max_sampling_rounds * self.batches_per_round
-        self.layout = self._process_layout()
+        self.layout = process_layout(r, config.train, dynamic_sampling=self.dynamic_sampling)
         self.optimizer = make_optimizer(**config.optim)
         self.state = init_train_state(params, self.optimizer, jax.random.key(config.seed), self.mesh)
         self.data_iter = make_prompt_dataset(
@@ -141,10 +148,24 @@ class Trainer:
         )
         self.width = config.data.max_prompt_len
         self.needs_old_logp = self.objective_fn.uses_old_logp and config.train.mini_batches > 1
-        example = self._example_batch()
-        self.batch_shardings = micro_batch_shardings(example, self.mesh)
-        self.old_logp_fn = self._build_old_logp_fn(example) if self.needs_old_logp else None
-        self.step_fn = self._build_step_fn()
+        # The programs (conspo_jax/train/programs.py), compiled for the config's shapes before any rollout.
+        self.example = programs.example_batch(config, needs_old_logp=self.needs_old_logp)
+        self.batch_shardings = micro_batch_shardings(self.example, self.mesh)
+        self.old_logp_fn = None
+        if self.needs_old_logp:
+            self.old_logp_fn = programs.build_old_logp_fn(self.graphdef, self.width, self.batch_shardings.old_logp)
+        self.step_fn = programs.build_step_fn(
+            config,
+            self.state,
+            self.example,
+            self.mesh,
+            graphdef=self.graphdef,
+            rest=self.rest,
+            ref_params=self.ref_params,
+            optimizer=self.optimizer,
+            objective_fn=self.objective_fn,
+            objective_kwargs=self.objective_kwargs,
+        )
         self._diag_logp_fn = None  # built on the first train.diagnostics_every step
         self.outputs = RunOutputs(workdir, primary=self.primary, resumed=self.resumed)
         self._nonfinite_run = 0
@@ -164,54 +185,10 @@ class Trainer:
         total = self.config.train.num_steps or steps_per_epoch * self.config.data.num_epochs
         return total, -(-total // steps_per_epoch)
 
-    def _process_layout(self) -> tuple[int, int]:
-        """(micro-batches per step, groups each process adds to a micro-batch).
-
-        With P processes each global micro-batch takes g_micro / P whole groups from every process
-        (the pipeline hands each process its slice of every micro-batch, ``num_chunks``)."""
-        r, t = self.config.rollout, self.config.train
-        num_micro, g_micro = micro_batch_layout(
-            r.prompts_per_step, mini_batches=t.mini_batches, micro_batch_groups=t.micro_batch_groups
-        )
-        procs = jax.process_count()
-        if procs > 1:
-            # Each of these would have the processes issue collectives (the sampler's per-round agreement,
-            # metric gathers) in orders that can differ between processes, and hang.
-            single = {
-                "rollout.async_steps": r.async_steps,  # a producer thread beside the main thread
-                "train.diagnostics_every": t.diagnostics_every,
-            }
-            if self.dynamic_sampling:  # each process would draw its own number of rounds
-                single["rollout.dynamic_sampling"] = r.dynamic_sampling
-            for key, value in single.items():
-                if value:
-                    raise UsageError(f"{key}={value!r} runs on one process only for now, not {procs}")
-        if g_micro % procs:
-            raise UsageError(
-                f"rollout.prompts_per_step={r.prompts_per_step}: the {g_micro} groups of a micro-batch do not "
-                f"split over {procs} processes (every prompt group stays inside one process)"
-            )
-        return t.mini_batches * num_micro, g_micro // procs
-
     def _save_checkpoint(self, done: int) -> None:
         # Every process joins the (one) Orbax checkpoint; the data positions of all are gathered into it.
-        data = self.data_iter.get_state()
-        if distributed.multi_process():
-            data = {"processes": distributed.allgather(data)}
+        data = gather_data_states(self.data_iter.get_state())
         self.ckpt.save(done, self.state, data, {"step": done, "weight_version": done}, self.ref_params)
-
-    def _restore_data(self, data_state: dict) -> None:
-        if "processes" in data_state:
-            states = data_state["processes"]
-            if len(states) != jax.process_count():
-                raise UsageError(
-                    f"the checkpoint was written by {len(states)} processes; resume it with as many, "
-                    f"not {jax.process_count()}"
-                )
-            data_state = states[jax.process_index()]
-        elif distributed.multi_process():
-            raise UsageError("the checkpoint was written by one process; resume it with one process")
-        self.data_iter.set_state(data_state)
 
     def _restore_or_warm_start(self, needs_ref: bool):
         """(RL steps already done, reference params). The reference policy (KL terms) is the policy RL started from:
@@ -222,7 +199,7 @@ class Trainer:
             self.state, data_state, meta, ref = self.ckpt.restore(
                 resume, self.state, self.state.params if needs_ref else None
             )
-            self._restore_data(data_state)
+            self.data_iter.set_state(local_data_state(data_state))
             log.info(f"resumed from step {resume} ({self.ckpt.directory})")
             return int(meta["step"]), ref
         c = self.config
@@ -232,57 +209,6 @@ class Trainer:
             )
             self.state = init_train_state(params, self.optimizer, jax.random.key(c.seed), self.mesh)
         return 0, jax.tree.map(jnp.copy, self.state.params) if needs_ref else None
-
-    def _example_batch(self) -> RLBatch:
-        """The shapes every micro-batch stack has, fixed by the config before any rollout."""
-        r, t = self.config.rollout, self.config.train
-        num_micro, g_micro = micro_batch_layout(
-            r.prompts_per_step, mini_batches=t.mini_batches, micro_batch_groups=t.micro_batch_groups
-        )
-        rows, width = g_micro * r.n, self.width + r.max_new_tokens
-        f32, i32 = jnp.float32, jnp.int32
-
-        def spec(*shape, dtype=f32):
-            return jax.ShapeDtypeStruct((num_micro, rows, *shape), dtype)
-
-        return RLBatch(
-            input_ids=spec(width, dtype=i32),
-            attention_mask=spec(width, dtype=i32),
-            completion_mask=spec(r.max_new_tokens),
-            engine_logp=spec(r.max_new_tokens),
-            rewards=spec(),
-            group_ids=spec(dtype=i32),
-            rollout_mask=spec(),
-            old_logp=spec(r.max_new_tokens) if self.needs_old_logp else None,
-            group_size=r.n,
-        )
-
-    def _build_old_logp_fn(self, example: RLBatch):
-        flat_fn = make_logprob_fn(self.graphdef, self.width)
-
-        def stacked(params, rest, ids_MxRxT, mask_MxRxT):
-            m, rows, width = ids_MxRxT.shape
-            flat = flat_fn(params, rest, ids_MxRxT.reshape(-1, width), mask_MxRxT.reshape(-1, width))
-            return flat.reshape(m, rows, -1)
-
-        return jax.jit(stacked, out_shardings=self.batch_shardings.old_logp)
-
-    def _build_step_fn(self):
-        kwargs, fn = self.objective_kwargs, self.objective_fn
-        example = self._example_batch()
-        return make_train_step(
-            self.state,
-            example,
-            self.mesh,
-            rest=self.rest,
-            ref_params=self.ref_params,
-            graphdef=self.graphdef,
-            objective=lambda inputs, **kw: fn(inputs, **kw, **kwargs),
-            num_groups=example.num_groups,
-            prompt_len=self.width,
-            optimizer=self.optimizer,
-            tis_cap=float(self.config.rollout.tis_cap),
-        )
 
     # ---- stages --------------------------------------------------------------------------------
 
