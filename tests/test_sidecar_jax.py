@@ -12,7 +12,8 @@ from flax import nnx
 from conspo_jax.base.configs import load_config_module
 from conspo_jax.rollout.engine import SamplingParams
 from conspo_jax.rollout.sidecar_client import SidecarClient
-from conspo_jax.sidecar.server import SidecarOptions, serve
+from conspo_jax.sidecar.options import SidecarOptions
+from conspo_jax.sidecar.server import serve
 from conspo_jax.train.step import trainer_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -22,7 +22,9 @@ from conspo_jax.rollout.engine import SamplingParams
 from conspo_jax.rollout.sidecar_client import SidecarClient, SidecarError
 from conspo_jax.sidecar import verifiers
 from conspo_jax.sidecar.engines import build_engine
-from conspo_jax.sidecar.server import SidecarOptions, SidecarServicer, serve
+from conspo_jax.sidecar.options import SidecarOptions
+from conspo_jax.sidecar.server import serve
+from conspo_jax.sidecar.servicer import SidecarServicer
 
 PARAMS = SamplingParams(n=4, max_new_tokens=16, seed=3)
 

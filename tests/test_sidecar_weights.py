@@ -13,7 +13,8 @@ from conspo_jax.objectives.correction import logprob_mismatch, mismatch_metrics,
 from conspo_jax.rollout.sidecar_client import SidecarClient, SidecarError
 from conspo_jax.rollout.wire.weights import WeightStore, default_weights_dir, resolve_inside, version_dirname
 from conspo_jax.sidecar.engines import build_engine
-from conspo_jax.sidecar.server import SidecarOptions, serve
+from conspo_jax.sidecar.options import SidecarOptions
+from conspo_jax.sidecar.server import serve
 
 
 def fake_saver(policy, path):

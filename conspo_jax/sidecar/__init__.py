@@ -7,7 +7,8 @@ the protocol both sides speak is ``conspo_jax.rollout.wire``. This package impor
 nor the evaluator.
 
 Public API (imported lazily, so verifier worker processes stay light):
-  serve, serve_from_cli, SidecarOptions   (server.py)
+  serve, serve_from_cli   (server.py)
+  SidecarOptions          (options.py)
 """
 
 import importlib
@@ -15,7 +16,7 @@ import importlib
 _EXPORTS = {
     "serve": "server",
     "serve_from_cli": "server",
-    "SidecarOptions": "server",
+    "SidecarOptions": "options",
 }
 
 __all__ = sorted(_EXPORTS)

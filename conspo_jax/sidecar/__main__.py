@@ -42,7 +42,8 @@ def main(argv=None) -> int:
 
 def _serve(args) -> int:
     from conspo_jax.rollout.wire import TOKEN_ENV
-    from conspo_jax.sidecar.server import options_from_config, run_until_signalled, serve
+    from conspo_jax.sidecar.options import options_from_config
+    from conspo_jax.sidecar.server import run_until_signalled, serve
 
     config = None
     if args.config:
