@@ -303,7 +303,7 @@ def test_unknown_dataset_name_and_benchmark(tmp_path):
 
 
 def test_huge_integer_answers_load():
-    from conspo_jax.data.math_data import read_rows
+    from conspo_jax.data.files import read_rows
 
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"huge_{os.getpid()}.jsonl")
     try:
