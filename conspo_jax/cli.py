@@ -24,7 +24,7 @@ commands:
   sidecar  [--engine jax|sglang] [--port N]      serve rollouts over gRPC
   sweep    --sweep S.py[:arg] --workdir DIR [--workers N]
                                                  a study: a grid of train runs, tables and figures
-  profile  --workdir DIR [--steps N] [--what train|sample|both] [--peak_tflops F]
+  profile  --workdir DIR [--steps N] [--what train|sample|both] [--peak_tflops F] [--compile_only]
                                                  XLA profile of train's programs: HLO, traces, summary
   import-gguf FILE.gguf OUT_DIR                  a llama.cpp GGUF (Llama) as a HF checkpoint directory
 """
@@ -138,6 +138,12 @@ def _profile_flags(fv):
     flags.DEFINE_float(
         "peak_tflops", None, "MFU peak in TFLOP/s (default: a bf16 matmul measured in the run).", flag_values=fv
     )
+    flags.DEFINE_bool(
+        "compile_only",
+        False,
+        "Compile and analyse the programs over abstract weights; allocate and run nothing (no traces).",
+        flag_values=fv,
+    )
 
 
 def _run_profile(fv):
@@ -145,10 +151,11 @@ def _run_profile(fv):
 
     if not fv.workdir:
         raise UsageError("--workdir is required for profile")
-    summary = profile(fv.config, fv.workdir, steps=fv.steps, what=fv.what, peak_tflops=fv.peak_tflops)
-    print(
-        f"wrote {fv.workdir}: *.stablehlo.txt, *.hlo.txt, trace_*/ (TensorBoard, Perfetto, memory.prof), summary.json"
+    summary = profile(
+        fv.config, fv.workdir, steps=fv.steps, what=fv.what, peak_tflops=fv.peak_tflops, compile_only=fv.compile_only
     )
+    traces = "" if fv.compile_only else " trace_*/ (TensorBoard, Perfetto, memory.prof),"
+    print(f"wrote {fv.workdir}: *.stablehlo.txt, *.hlo.txt,{traces} summary.json")
     print(summary["table"], flush=True)
     return 0
 

@@ -26,7 +26,7 @@ from conspo_jax.base.xla_cache import host_cache_dir
 from conspo_jax.data import arith
 from conspo_jax.data.math_data import load_dataset_spec
 from conspo_jax.data.prompts import encode_prompt
-from conspo_jax.models import ModelConfig, get_model_config, init_policy, load_hf_policy, make_mesh
+from conspo_jax.models import ModelConfig, abstract_policy, get_model_config, init_policy, load_hf_policy, make_mesh
 from conspo_jax.rewards import Verdict, default_pool
 from conspo_jax.rollout.engine import MockEngine, RolloutEngine, reverse_echo_script
 from conspo_jax.rollout.jax_engine import JaxEngine
@@ -79,12 +79,15 @@ def build_mesh(config):
     return make_mesh(shape)
 
 
-def build_policy(config, tokenizer, mesh, seed: int):
+def build_policy(config, tokenizer, mesh, seed: int, *, abstract: bool = False):
+    """The config's policy: loaded from ``model.path``, or randomly initialised (``model.arch`` or
+    ``model.random_init``). ``abstract``: shapes only, nothing allocated or read but the HF config
+    (``conspo profile --compile_only`` analyses a GPU-sized run on a CPU this way)."""
     m = config.model
     opts = dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], mesh=mesh, remat=m.remat)
     if m.logprob_chunk:
         opts["logprob_chunk"] = m.logprob_chunk
-    if m.path and not m.random_init:
+    if m.path and not m.random_init and not abstract:
         return load_hf_policy(m.path, **opts)
     if m.path:
         model_config = ModelConfig.from_hf(m.path)
@@ -101,6 +104,8 @@ def build_policy(config, tokenizer, mesh, seed: int):
             model_config = dataclasses.replace(model_config, **overrides)
         except TypeError as e:
             raise UsageError(f"model.overrides: {e}") from None
+    if abstract:
+        return abstract_policy(model_config, **opts)
     return init_policy(model_config, seed=seed, **opts)
 
 
