@@ -29,18 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = [
-    "compile_report",
-    "measure_matmul_peak",
-    "model_flops_per_token",
-    "read_perfetto_events",
-    "save_json",
-    "summary_row",
-    "summary_table",
-    "trace_files",
-    "trace_steps",
-]
-
 
 # ------------------------------------------------------------------------------- compile analyses
 def _cost_dict(cost) -> dict[str, float]:

@@ -32,7 +32,6 @@ from conspo_jax import profiling as P
 from conspo_jax.base import logs
 from conspo_jax.base.configs import UsageError
 from conspo_jax.models.sharding import state_shardings
-from conspo_jax.objectives import get_objective
 from conspo_jax.profiling.programs import profile_sampler, profile_train
 from conspo_jax.rollout.jax_engine import JaxEngine
 from conspo_jax.run import build
@@ -93,9 +92,7 @@ class AbstractRun:
         self.mesh = build.build_mesh(config)
         policy = _with_shardings(build.build_policy(config, tokenizer, self.mesh, seed=config.seed, abstract=True))
         self.graphdef, params, self.rest = nnx.split(policy, nnx.Param, ...)
-        name = config.objective.name
-        objective_kwargs = dict(config.objective[name]) if name in config.objective else {}
-        objective_fn = get_objective(name)
+        objective_fn, objective_kwargs = train_programs.objective_of(config)
         optimizer = make_optimizer(**config.optim)
         state = jax.eval_shape(
             lambda p: TrainState(
@@ -107,19 +104,9 @@ class AbstractRun:
         self.state = jax.tree.map(_struct, state, train_state_shardings(state, self.mesh))
         self.ref_params = params if objective_fn.requires_ref_logp(**objective_kwargs) else None
         self.width = config.data.max_prompt_len
-        needs_old_logp = objective_fn.uses_old_logp and config.train.mini_batches > 1
-        self.example = train_programs.example_batch(config, needs_old_logp=needs_old_logp)
+        self.example = train_programs.example_batch(config, needs_old_logp=train_programs.uses_old_logp(config))
         self.step_fn = train_programs.build_step_fn(
-            config,
-            self.state,
-            self.example,
-            self.mesh,
-            graphdef=self.graphdef,
-            rest=self.rest,
-            ref_params=self.ref_params,
-            optimizer=optimizer,
-            objective_fn=objective_fn,
-            objective_kwargs=objective_kwargs,
+            config, self.state, self.example, self.mesh, self.graphdef, self.rest, self.ref_params, optimizer
         )
         # The embedded engine only splits the policy it is given: abstract weights are no problem until
         # it samples, which a compile-only run never does. Other backends are not built (another process).

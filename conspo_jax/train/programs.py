@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from conspo_jax.objectives import get_objective
 from conspo_jax.train.batching import RLBatch, micro_batch_layout
 from conspo_jax.train.step import make_logprob_fn, make_train_step
 
@@ -45,10 +46,21 @@ def example_batch(config, *, needs_old_logp: bool) -> RLBatch:
     )
 
 
-def build_step_fn(
-    config, state, example: RLBatch, mesh, *, graphdef, rest, ref_params, optimizer, objective_fn, objective_kwargs
-):
-    """``step(state, micro_batches, progress, rest, ref_params) -> (state, metrics)``, the state donated."""
+def objective_of(config):
+    """(the registered objective, its hyperparameters from ``config.objective.<name>``)."""
+    name = config.objective.name
+    return get_objective(name), dict(config.objective[name]) if name in config.objective else {}
+
+
+def uses_old_logp(config) -> bool:
+    """Whether micro-batches carry old-policy log-probs: objectives that use them, over several updates."""
+    return get_objective(config.objective.name).uses_old_logp and config.train.mini_batches > 1
+
+
+def build_step_fn(config, state, example: RLBatch, mesh, graphdef, rest, ref_params, optimizer):
+    """``step(state, micro_batches, progress, rest, ref_params) -> (state, metrics)``, the state donated;
+    the objective and its hyperparameters are the config's."""
+    objective_fn, objective_kwargs = objective_of(config)
     return make_train_step(
         state,
         example,

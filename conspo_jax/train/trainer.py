@@ -28,7 +28,7 @@ from tqdm import tqdm
 from conspo_jax.base import distributed, logs
 from conspo_jax.base.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
-from conspo_jax.objectives import get_objective, resolve_dapo_rollout
+from conspo_jax.objectives import resolve_dapo_rollout
 from conspo_jax.run import build
 from conspo_jax.train import programs
 from conspo_jax.train.batching import RLBatch, build_rl_batch, process_layout, split_micro_batches
@@ -84,8 +84,7 @@ class Trainer:
         self.graphdef, params, self.rest = nnx.split(policy, nnx.Param, ...)
 
         r, name = config.rollout, config.objective.name
-        self.objective_kwargs = dict(config.objective[name]) if name in config.objective else {}
-        self.objective_fn = get_objective(name)
+        self.objective_fn, self.objective_kwargs = programs.objective_of(config)
         self.total_steps, num_epochs = self._schedule()
         # DAPO's dynamic sampling and overlong shaping (conspo_jax/train/collect.py); 'auto' = on for dapo only.
         self.dynamic_sampling, self.overlong_buffer = resolve_dapo_rollout(
@@ -147,7 +146,7 @@ class Trainer:
             config, task=self.task, tokenizer=self.tokenizer, stop_ids=self.stop_ids, workdir=workdir
         )
         self.width = config.data.max_prompt_len
-        self.needs_old_logp = self.objective_fn.uses_old_logp and config.train.mini_batches > 1
+        self.needs_old_logp = programs.uses_old_logp(config)
         # The programs (conspo_jax/train/programs.py), compiled for the config's shapes before any rollout.
         self.example = programs.example_batch(config, needs_old_logp=self.needs_old_logp)
         self.batch_shardings = micro_batch_shardings(self.example, self.mesh)
@@ -155,16 +154,7 @@ class Trainer:
         if self.needs_old_logp:
             self.old_logp_fn = programs.build_old_logp_fn(self.graphdef, self.width, self.batch_shardings.old_logp)
         self.step_fn = programs.build_step_fn(
-            config,
-            self.state,
-            self.example,
-            self.mesh,
-            graphdef=self.graphdef,
-            rest=self.rest,
-            ref_params=self.ref_params,
-            optimizer=self.optimizer,
-            objective_fn=self.objective_fn,
-            objective_kwargs=self.objective_kwargs,
+            config, self.state, self.example, self.mesh, self.graphdef, self.rest, self.ref_params, self.optimizer
         )
         self._diag_logp_fn = None  # built on the first train.diagnostics_every step
         self.outputs = RunOutputs(workdir, primary=self.primary, resumed=self.resumed)
