@@ -69,4 +69,4 @@ bench-gpu:
 	PYTHON=$(or $(wildcard $(BIN)/python),python3) bash bench/gpu_suite.sh $(BENCH_GPU_ARGS)
 
 proto: $(STAMP)
-	$(BIN)/python -m conspo_jax.sidecar.gen_proto
+	$(BIN)/python -m conspo_jax.rollout.wire.gen_proto

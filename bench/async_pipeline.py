@@ -16,8 +16,8 @@ import os
 import statistics
 import tempfile
 
-from conspo_jax import logs
-from conspo_jax.configs import load_config_module
+from conspo_jax.base import logs
+from conspo_jax.base.configs import load_config_module
 from conspo_jax.train import train
 from conspo_jax.train.metrics import read_metrics
 

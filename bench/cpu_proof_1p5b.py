@@ -6,7 +6,7 @@ bench/logprob_step.py, -mean_b(sum_t logp[b, t] / T_b)) for each remat policy. R
 
 - executed / model FLOPs (both from conspo_jax.profiling, as `conspo profile` reports them). Model
   FLOPs per token = 6 * non-embedding params (LM head included) + 6 * layers * d_model * seq_len.
-  Executed FLOPs are the matmul FLOPs of the optimised HLO (conspo_jax.hlo_facts), each dot
+  Executed FLOPs are the matmul FLOPs of the optimised HLO (conspo_jax.profiling.hlo_facts), each dot
   weighted by the trip counts of the loops around it: XLA's cost_analysis() counts a while-loop body
   once (so its 'flops' for a scanned 28-layer model is about one layer's); it is printed beside as
   `xla_flops_loop_once`, with the same dots counted once (`dots_loop_once`) to show the counter and

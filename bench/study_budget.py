@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from conspo_jax.configs import load_config_module
+from conspo_jax.base.configs import load_config_module
 from conspo_jax.train.trainer import Trainer, rollout_metrics
 
 

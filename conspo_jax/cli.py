@@ -11,8 +11,8 @@ import sys
 
 from absl import flags
 
-from conspo_jax import logs
-from conspo_jax.configs import UsageError, parse_command_line, stderr_line
+from conspo_jax.base import logs
+from conspo_jax.base.configs import UsageError, parse_command_line, stderr_line
 
 USAGE = """usage: conspo COMMAND --config path/to/experiment.py[:arg] [--config.key=value ...] [options]
        conspo import-gguf FILE.gguf OUT_DIR [--dtype float32|bfloat16|float16] [--overwrite]
@@ -24,7 +24,7 @@ commands:
   sidecar  [--engine jax|sglang] [--port N]      serve rollouts over gRPC
   sweep    --sweep S.py[:arg] --workdir DIR [--workers N]
                                                  a study: a grid of train runs, tables and figures
-  profile  --workdir DIR [--steps N] [--what train|sample|both] [--peak_tflops F]
+  profile  --workdir DIR [--steps N] [--what train|sample|both] [--peak_tflops F] [--compile_only]
                                                  XLA profile of train's programs: HLO, traces, summary
   import-gguf FILE.gguf OUT_DIR                  a llama.cpp GGUF (Llama) as a HF checkpoint directory
 """
@@ -68,7 +68,7 @@ def _sidecar_flags(fv):
 
 
 # Commands that run on every host of a multi-process job: main() gives them --distributed and starts
-# jax.distributed (conspo_jax/distributed.py) after parsing and before the command touches a device.
+# jax.distributed (conspo_jax/base/distributed.py) after parsing and before the command touches a device.
 MULTI_PROCESS_COMMANDS = ("train", "eval", "profile")
 
 
@@ -83,7 +83,7 @@ def _with_distributed_flag(define):
 def start_processes(fv) -> None:
     """Multi-process start-up from --distributed / distributed.* / JAX_COORDINATOR_ADDRESS (a no-op
     for one process); main() calls it for every command in MULTI_PROCESS_COMMANDS."""
-    from conspo_jax import distributed
+    from conspo_jax.base import distributed
 
     distributed.initialize(fv.config, enabled=fv.distributed)
 
@@ -138,17 +138,24 @@ def _profile_flags(fv):
     flags.DEFINE_float(
         "peak_tflops", None, "MFU peak in TFLOP/s (default: a bf16 matmul measured in the run).", flag_values=fv
     )
+    flags.DEFINE_bool(
+        "compile_only",
+        False,
+        "Compile and analyse the programs over abstract weights; allocate and run nothing (no traces).",
+        flag_values=fv,
+    )
 
 
 def _run_profile(fv):
-    from conspo_jax.train.profile import profile
+    from conspo_jax.profiling.command import profile
 
     if not fv.workdir:
         raise UsageError("--workdir is required for profile")
-    summary = profile(fv.config, fv.workdir, steps=fv.steps, what=fv.what, peak_tflops=fv.peak_tflops)
-    print(
-        f"wrote {fv.workdir}: *.stablehlo.txt, *.hlo.txt, trace_*/ (TensorBoard, Perfetto, memory.prof), summary.json"
+    summary = profile(
+        fv.config, fv.workdir, steps=fv.steps, what=fv.what, peak_tflops=fv.peak_tflops, compile_only=fv.compile_only
     )
+    traces = "" if fv.compile_only else " trace_*/ (TensorBoard, Perfetto, memory.prof),"
+    print(f"wrote {fv.workdir}: *.stablehlo.txt, *.hlo.txt,{traces} summary.json")
     print(summary["table"], flush=True)
     return 0
 

@@ -126,7 +126,7 @@ def run(engine: str, workdir: str, port: int, sglang_kwargs: dict, tolerance: fl
     from conspo_jax.data.arith import arith_prompt, make_arith_records
     from conspo_jax.objectives import logprob_mismatch
     from conspo_jax.rollout.engine import SamplingParams
-    from conspo_jax.sidecar.client import SidecarClient
+    from conspo_jax.rollout.sidecar_client import SidecarClient
     from conspo_jax.train.step import trainer_logprobs
 
     tok, model_dir, (init_policy_, trainer_policy) = _tiny_checkpoints(workdir)

@@ -2,7 +2,7 @@
 
 import os
 
-from conspo_jax.xla_cache import host_cache_dir
+from conspo_jax.base.xla_cache import host_cache_dir
 
 # $CONSPO_TEST_XLA_FLAGS changes XLA's CPU code generation for the whole suite, subprocesses included (for
 # example --xla_cpu_max_isa=SSE4_2): floating-point results then differ as they do on another processor
@@ -31,7 +31,7 @@ SHARED_DATA = os.environ.get("CONSPO_DATA_DIR") or os.path.abspath(
 
 # Identical XLA programs (the same tiny model compiled by several tests) are compiled once per session.
 # Keyed by the host CPU: a /tmp inherited from another machine must not feed this one its native code
-# (conspo_jax/xla_cache.py).
+# (conspo_jax/base/xla_cache.py).
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", host_cache_dir(os.path.join(os.environ.get("TMPDIR", "/tmp"), "conspo_jax_test_xla"))
 )

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conspo_jax.configs import UsageError, load_config_module
+from conspo_jax.base.configs import UsageError, load_config_module
 from conspo_jax.train import Trainer, train
 from conspo_jax.train.metrics import read_metrics
 
@@ -131,7 +131,8 @@ def test_async_steps_other_than_0_or_1_is_a_usage_error(warm_cache, tmp_path):
 def test_async_over_the_sidecar_matches_the_embedded_engine(warm_cache, tmp_path):
     """With the sidecar the next batch streams while the trainer updates: the same one-step-off
     schedule, so every metric equals the embedded overlapped run's (token-identical rollouts)."""
-    from conspo_jax.sidecar.server import SidecarOptions, serve
+    from conspo_jax.sidecar.options import SidecarOptions
+    from conspo_jax.sidecar.server import serve
 
     def config():
         c = _config(warm_cache, num_steps=3)

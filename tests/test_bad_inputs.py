@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conspo_jax.base.configs import UsageError, load_config_module
 from conspo_jax.cli import main as cli_main
-from conspo_jax.configs import UsageError, load_config_module
 from conspo_jax.models.config import get_model_config
 from conspo_jax.objectives import ObjectiveInputs, check_rewards, get_objective, list_objectives, margin_schedule
 from conspo_jax.rollout.engine import SamplingParams
-from conspo_jax.validation import _HPARAM_RULES, validate_config
+from conspo_jax.run.validation import _HPARAM_RULES, validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARITH = os.path.join(ROOT, "experiments", "arith_tiny.py")
@@ -303,7 +303,7 @@ def test_unknown_dataset_name_and_benchmark(tmp_path):
 
 
 def test_huge_integer_answers_load():
-    from conspo_jax.data.math_data import read_rows
+    from conspo_jax.data.files import read_rows
 
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"huge_{os.getpid()}.jsonl")
     try:
@@ -490,7 +490,7 @@ def test_a_bad_value_leaves_an_existing_run_unchanged(tmp_path, capsys):
 def test_eval_of_a_checkpoint_of_another_architecture_is_one_line(tmp_path, capsys):
     from flax import nnx
 
-    from conspo_jax import build
+    from conspo_jax.run import build
     from conspo_jax.train.checkpoint import Checkpointer
     from conspo_jax.train.step import init_train_state, make_optimizer
 

@@ -14,8 +14,8 @@ import os
 import numpy as np
 import pytest
 
+from conspo_jax.base.configs import config_to_json, load_config_module
 from conspo_jax.cli import main as cli_main
-from conspo_jax.configs import config_to_json, load_config_module
 from conspo_jax.models.config import get_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conspo_jax.configs import load_config_module
+from conspo_jax.base.configs import load_config_module
 from conspo_jax.objectives import list_objectives
 from conspo_jax.train.config_base import PAPER
 

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from conspo_jax.data import files
 from conspo_jax.data import math_data as md
 from conspo_jax.data.prompts import INSTRUCTION, build_prompt, encode_prompt
 from tests.conftest import SHARED_DATA
@@ -127,11 +128,11 @@ def test_load_records_formats_and_errors(tmp_path):
     custom.write_text(json.dumps({"q": "Z?", "meta": {"gt": "5"}}))
     assert md.load_records(str(custom), problem_field="q", answer_field="meta.gt")[0]["answer"] == "5"
 
-    with pytest.raises(md.MissingAnswerError, match=r"y.jsonl row 0: no answer field"):
+    with pytest.raises(files.MissingAnswerError, match=r"y.jsonl row 0: no answer field"):
         md.load_records(str(custom), problem_field="q")
     with pytest.raises(ValueError, match="row 0: no problem field"):
         md.load_records(str(custom))
-    with pytest.raises(md.DataError, match="CONSPO_DATA_DIR"):
+    with pytest.raises(files.DataError, match="CONSPO_DATA_DIR"):
         md.load_records(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="format must be one of"):
         md.load_records(str(p), format="xml")
@@ -140,13 +141,13 @@ def test_load_records_formats_and_errors(tmp_path):
 
 
 def test_data_dir_env(monkeypatch, tmp_path):
-    monkeypatch.setenv(md.DATA_DIR_ENV, str(tmp_path))
-    assert md.default_data_dir() == str(tmp_path)
+    monkeypatch.setenv(files.DATA_DIR_ENV, str(tmp_path))
+    assert files.default_data_dir() == str(tmp_path)
     (tmp_path / "aime25").mkdir()
     (tmp_path / "aime25" / "test.jsonl").write_text(json.dumps({"problem": "P", "answer": 5, "id": "a"}) + "\n")
     assert md.load_benchmark("aime25") == [{"id": "a", "problem": "P", "answer": "5"}]
-    monkeypatch.delenv(md.DATA_DIR_ENV)
-    assert md.default_data_dir().endswith(os.path.join("shared", "data"))
+    monkeypatch.delenv(files.DATA_DIR_ENV)
+    assert files.default_data_dir().endswith(os.path.join("shared", "data"))
 
 
 def test_load_hf_without_datasets_is_a_clear_error():

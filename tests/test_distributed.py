@@ -1,4 +1,4 @@
-"""conspo_jax.distributed in one process: when start-up is asked for, its bad inputs, and the global /
+"""conspo_jax.base.distributed in one process: when start-up is asked for, its bad inputs, and the global /
 local array helpers (the two-process behaviour is tests/test_multiprocess.py)."""
 
 import jax
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from conspo_jax import distributed
-from conspo_jax.configs import UsageError
+from conspo_jax.base import distributed
+from conspo_jax.base.configs import UsageError
 from conspo_jax.train.config_base import base_config
 
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")

@@ -5,14 +5,14 @@ import os
 import numpy as np
 import pytest
 
-from conspo_jax.configs import UsageError, load_config_module
+from conspo_jax.base.configs import UsageError, load_config_module
 from conspo_jax.rollout import MockEngine
+from conspo_jax.run.validation import validate_config
 from conspo_jax.train import train
 from conspo_jax.train.collect import Round, dynamic_batch, gather_groups, round_seed
 from conspo_jax.train.diagnostics import DUMP_FIELDS, credits
 from conspo_jax.train.metrics import read_metrics
 from conspo_jax.train.trainer import Trainer
-from conspo_jax.validation import validate_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "experiments", "arith_tiny.py") + ":smoke"

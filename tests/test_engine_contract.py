@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conspo_jax import build
-from conspo_jax.configs import UsageError, load_config_module
+from conspo_jax.base.configs import UsageError, load_config_module
 from conspo_jax.rollout import RolloutEngine, SamplingParams
 from conspo_jax.rollout.jax_engine import JaxEngine
 from conspo_jax.rollout.sglang_engine import SGLangEngine
-from conspo_jax.sidecar.client import SidecarClient
+from conspo_jax.rollout.sidecar_client import SidecarClient
+from conspo_jax.run import build
 from conspo_jax.sidecar.engines import build_engine
-from conspo_jax.sidecar.server import SidecarOptions, serve
+from conspo_jax.sidecar.options import SidecarOptions
+from conspo_jax.sidecar.server import serve
 from tests.test_sidecar_sglang import StandInSGLangEngine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

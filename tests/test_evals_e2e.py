@@ -130,9 +130,9 @@ def test_math_training_path_end_to_end(tmp_path):
 def test_math_task_held_out_set_reports_accuracy_and_boxed_rate(tmp_path):
     """data.eval on the math task: a held-out set evaluated with math-verify like the synthetic task's, with the
     boxed-answer rate beside the accuracy; 'arith_nl' (the synthetic problems in words) keeps its splits apart."""
-    from conspo_jax import build
     from conspo_jax.data.arith import make_arith_nl_records
     from conspo_jax.models import get_model_config, init_policy, save_hf_policy
+    from conspo_jax.run import build
     from conspo_jax.train.config_base import base_config
     from conspo_jax.train.metrics import read_metrics
     from conspo_jax.train.trainer import train

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch is not installed: HF parity tests need it")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
-from conspo_jax.configs import UsageError  # noqa: E402
+from conspo_jax.base.configs import UsageError  # noqa: E402
 from conspo_jax.models import hidden_states, mask_positions, token_logprobs  # noqa: E402
 from conspo_jax.models.hf_io import load_hf_policy, save_hf_policy  # noqa: E402
 

@@ -97,6 +97,28 @@ def test_the_table_is_printed_last(profiled, capsys):
     assert table[5].startswith("MFU peak: ")
 
 
+def test_compile_only_analyses_the_same_programs_and_runs_nothing(profiled, tmp_path):
+    """--compile_only builds the programs over abstract state: the lowered programs are the ones the full
+    run profiled (so a GPU-sized run can be read on a CPU), and nothing is timed or traced."""
+    full_dir, full, _ = profiled
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["conspo", "profile", f"--config={ARITH}", f"--workdir={tmp_path}", "--compile_only"])
+    assert code == 0 and "trace_" not in stdout.getvalue()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["compile_only"] is True and summary["peak_flops"] is None
+    assert not any(name.startswith("trace_") for name in os.listdir(tmp_path))
+    rows = {r["name"].split()[0]: r for r in summary["rows"]}
+    assert sorted(rows) == sorted(PROGRAMS)
+    full_rows = {r["name"].split()[0]: r for r in full["rows"]}
+    for name, r in rows.items():
+        assert r["step_s"] is None and r["mfu"] is None and r["compile_s"] > 0
+        assert r["executed_flops_per_token"] == pytest.approx(full_rows[name]["executed_flops_per_token"])
+        assert r["compiled_peak_bytes"] == full_rows[name]["compiled_peak_bytes"]
+        with open(os.path.join(full_dir, f"{name}.stablehlo.txt")) as f:
+            assert (tmp_path / f"{name}.stablehlo.txt").read_text() == f.read(), name
+
+
 @pytest.mark.parametrize(
     "flag,needle",
     [

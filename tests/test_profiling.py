@@ -10,6 +10,7 @@ import pytest
 
 from conspo_jax import profiling as P
 from conspo_jax.models import get_model_config
+from conspo_jax.profiling import analyses
 
 
 def _scanned_mlp(x_NxD, w_LxDxD):
@@ -192,11 +193,14 @@ def test_measure_matmul_peak_and_summary_table():
 
 def test_cost_and_memory_analyses_of_any_jax_version():
     # cost_analysis(): a dict (jax >= 0.4.30), a list of per-program dicts (older), or None.
-    assert P._cost_dict({"flops": 3.0, "bytes accessed": 8, "note": "x"}) == {"flops": 3.0, "bytes accessed": 8.0}
-    assert P._cost_dict([{"flops": 3.0}, {"flops": 4.0, "bytes accessed": 1.0}]) == {
+    assert analyses._cost_dict({"flops": 3.0, "bytes accessed": 8, "note": "x"}) == {
+        "flops": 3.0,
+        "bytes accessed": 8.0,
+    }
+    assert analyses._cost_dict([{"flops": 3.0}, {"flops": 4.0, "bytes accessed": 1.0}]) == {
         "flops": 7.0,
         "bytes accessed": 1.0,
     }
-    assert P._cost_dict(None) == {}
-    none = P._memory_dict(None)
+    assert analyses._cost_dict(None) == {}
+    none = analyses._memory_dict(None)
     assert none["peak_bytes"] is None and none["temp_bytes"] is None

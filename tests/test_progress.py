@@ -7,7 +7,7 @@ import os
 import jax.numpy as jnp
 import pytest
 
-from conspo_jax.configs import load_config_module
+from conspo_jax.base.configs import load_config_module
 from conspo_jax.models import get_model_config, init_policy
 from conspo_jax.rollout import SamplingParams
 from conspo_jax.rollout.jax_engine import JaxEngine
@@ -44,7 +44,7 @@ def test_short_calls_and_engines_without_progress_stay_silent(capsys):
 
 @pytest.mark.parametrize("bar", [True, False])
 def test_the_config_turns_the_training_bars_on_and_off(bar):
-    from conspo_jax import build
+    from conspo_jax.run import build
 
     c = load_config_module(SMOKE)
     c.train.progress_bar = bar

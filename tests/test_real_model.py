@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conspo_jax.configs import load_config_module
+from conspo_jax.base.configs import load_config_module
 from conspo_jax.models.smollm2 import smollm2_path_or_none
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +38,7 @@ def test_greedy_decoding_agrees_with_transformers_except_at_near_ties(smollm2):
 
 
 def test_the_experiment_config_validates_against_the_imported_model(smollm2):
-    from conspo_jax import build
+    from conspo_jax.run import build
 
     c = load_config_module(CONFIG)
     assert c.model.path == smollm2

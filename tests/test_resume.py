@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conspo_jax.configs import UsageError, load_config_module
+from conspo_jax.base.configs import UsageError, load_config_module
 from conspo_jax.objectives import list_objectives
 from conspo_jax.train import train
 from conspo_jax.train.metrics import read_metrics

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conspo_jax import build
-from conspo_jax.configs import UsageError, load_config_module
+from conspo_jax.base.configs import UsageError, load_config_module
+from conspo_jax.run import build
 from conspo_jax.train import sft
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "experiments", "arith_tiny.py")

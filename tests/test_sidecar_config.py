@@ -2,9 +2,10 @@
 
 import pytest
 
-from conspo_jax.sidecar.client import SidecarClient
+from conspo_jax.rollout.sidecar_client import SidecarClient
 from conspo_jax.sidecar.engines import build_engine
-from conspo_jax.sidecar.server import SidecarOptions, options_from_config, serve
+from conspo_jax.sidecar.options import SidecarOptions, options_from_config
+from conspo_jax.sidecar.server import serve
 from conspo_jax.train.config_base import base_config
 
 

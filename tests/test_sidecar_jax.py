@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conspo_jax.configs import load_config_module
+from conspo_jax.base.configs import load_config_module
 from conspo_jax.rollout.engine import SamplingParams
-from conspo_jax.sidecar.client import SidecarClient
-from conspo_jax.sidecar.server import SidecarOptions, serve
+from conspo_jax.rollout.sidecar_client import SidecarClient
+from conspo_jax.sidecar.options import SidecarOptions
+from conspo_jax.sidecar.server import serve
 from conspo_jax.train.step import trainer_logprobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def smoke_config():
 
 
 def test_logprobs_match_the_trainer_after_a_weight_push(tmp_path):
-    from conspo_jax import build
+    from conspo_jax.run import build
 
     config = smoke_config()
     srv = serve(

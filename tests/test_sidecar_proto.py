@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conspo_jax.rollout.engine import FINISH_LENGTH, FINISH_STOP, MockEngine, Rollouts, SamplingParams
-from conspo_jax.sidecar import codec, gen_proto
-from conspo_jax.sidecar import rollout_pb2 as pb
+from conspo_jax.rollout.wire import codec, gen_proto
+from conspo_jax.rollout.wire import rollout_pb2 as pb
 
 
 def test_committed_stubs_are_fresh(tmp_path):

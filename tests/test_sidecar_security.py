@@ -7,11 +7,12 @@ import grpc
 import pytest
 
 from conspo_jax.rollout.engine import SamplingParams
-from conspo_jax.sidecar import rollout_pb2 as pb
-from conspo_jax.sidecar import rollout_pb2_grpc as pb_grpc
-from conspo_jax.sidecar.client import SidecarClient, SidecarError
+from conspo_jax.rollout.sidecar_client import SidecarClient, SidecarError
+from conspo_jax.rollout.wire import rollout_pb2 as pb
+from conspo_jax.rollout.wire import rollout_pb2_grpc as pb_grpc
 from conspo_jax.sidecar.engines import build_engine
-from conspo_jax.sidecar.server import SidecarOptions, serve
+from conspo_jax.sidecar.options import SidecarOptions
+from conspo_jax.sidecar.server import serve
 
 TOKEN = "correct-horse-battery-staple"
 PARAMS = SamplingParams(n=2, max_new_tokens=4)

@@ -155,8 +155,9 @@ def test_weights_update_from_disk_then_flush_cache():
 
 def test_served_through_the_sidecar(tmp_path):
     """The SGLang wrapper behind the real gRPC server, PushWeights included."""
-    from conspo_jax.sidecar.client import SidecarClient
-    from conspo_jax.sidecar.server import SidecarOptions, serve
+    from conspo_jax.rollout.sidecar_client import SidecarClient
+    from conspo_jax.sidecar.options import SidecarOptions
+    from conspo_jax.sidecar.server import serve
 
     fake = StandInSGLangEngine()
     engine = SGLangEngine(engine=fake)

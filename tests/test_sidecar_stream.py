@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 
 from conspo_jax.rollout.engine import SamplingParams
+from conspo_jax.rollout.sidecar_client import SidecarClient, SidecarError
 from conspo_jax.sidecar import verifiers
-from conspo_jax.sidecar.client import SidecarClient, SidecarError
 from conspo_jax.sidecar.engines import build_engine
-from conspo_jax.sidecar.server import SidecarOptions, SidecarServicer, serve
+from conspo_jax.sidecar.options import SidecarOptions
+from conspo_jax.sidecar.server import serve
+from conspo_jax.sidecar.servicer import SidecarServicer
 
 PARAMS = SamplingParams(n=4, max_new_tokens=16, seed=3)
 
@@ -128,7 +130,7 @@ class _FlakyServicer(SidecarServicer):
 def test_exactly_once_across_duplicates_and_a_broken_stream(tmp_path):
     import concurrent.futures as cf
 
-    from conspo_jax.sidecar import rollout_pb2_grpc as pb_grpc
+    from conspo_jax.rollout.wire import rollout_pb2_grpc as pb_grpc
 
     servicer = _FlakyServicer(build_engine("mock"), SidecarOptions(weights_dir=str(tmp_path), workers=0))
     server = grpc.server(cf.ThreadPoolExecutor(4))

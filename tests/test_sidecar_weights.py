@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from conspo_jax.objectives.correction import logprob_mismatch, mismatch_metrics, tis_weights
-from conspo_jax.sidecar.client import SidecarClient, SidecarError
+from conspo_jax.rollout.sidecar_client import SidecarClient, SidecarError
+from conspo_jax.rollout.wire.weights import WeightStore, default_weights_dir, resolve_inside, version_dirname
 from conspo_jax.sidecar.engines import build_engine
-from conspo_jax.sidecar.server import SidecarOptions, serve
-from conspo_jax.sidecar.weights import WeightStore, default_weights_dir, resolve_inside, version_dirname
+from conspo_jax.sidecar.options import SidecarOptions
+from conspo_jax.sidecar.server import serve
 
 
 def fake_saver(policy, path):

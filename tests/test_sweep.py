@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from matplotlib import image as plt_image
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 from conspo_jax.sweep import Point, load_sweep, mean_ci, paired_difference, train_command, write_report
 from conspo_jax.sweep.report import collect, curve_stats, ranks
 from conspo_jax.sweep.runner import estimate_remaining, launch_order, run_state, worker_env

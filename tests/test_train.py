@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conspo_jax import build
-from conspo_jax.configs import load_config_module
+from conspo_jax.base.configs import load_config_module
 from conspo_jax.objectives import list_objectives
 from conspo_jax.rollout import SamplingParams
+from conspo_jax.run import build
 from conspo_jax.train.batching import build_rl_batch, split_micro_batches
 from conspo_jax.train.metrics import read_metrics
 from conspo_jax.train.step import init_train_state, make_logprob_fn, make_optimizer, make_train_step

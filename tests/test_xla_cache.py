@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conspo_jax import xla_cache
+from conspo_jax.base import xla_cache
 
 
 def test_the_directory_is_stable_on_one_host_and_differs_across_cpus(monkeypatch, tmp_path):
@@ -27,7 +27,7 @@ def test_the_directory_is_stable_on_one_host_and_differs_across_cpus(monkeypatch
 
 def test_the_trainer_enables_the_host_directory(tmp_path):
     code = (
-        "import jax; from conspo_jax import build; from ml_collections import ConfigDict;"
+        "import jax; from conspo_jax.run import build; from ml_collections import ConfigDict;"
         f"build.enable_compilation_cache(ConfigDict(dict(xla_cache_dir={str(tmp_path)!r})));"
         "print(jax.config.jax_compilation_cache_dir)"
     )

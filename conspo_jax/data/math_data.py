@@ -3,7 +3,8 @@
 ``load_benchmark(name)`` knows the files of the paper's benchmarks and training sets by name (see
 ``BENCHMARKS``) under a data directory (``$CONSPO_DATA_DIR``, else ``<repo>/../shared/data``).
 ``load_records(path)`` reads any local jsonl / json / parquet / csv file and finds the problem and
-answer fields itself (or is told them). ``load_hf`` goes through ``datasets`` when it is installed.
+answer fields itself (or is told them; the files themselves are read by ``conspo_jax.data.files``). ``load_hf``
+goes through ``datasets`` when it is installed.
 
 Normalisation: ids are strings, answers are strings ("27" for AMC's 27.0, the text after ``####`` for
 GSM8K, the last ``\\boxed{}`` of the solution when a set has no answer field), and problems lose any
@@ -14,120 +15,17 @@ wrapper), since our own prompt adds the paper's instruction.
 from __future__ import annotations
 
 import ast
-import csv
 import dataclasses
-import json
 import logging
 import os
 import re
 from collections.abc import Callable
 from typing import Any
 
-from conspo_jax.configs import UsageError
+from conspo_jax.data.files import FORMATS, DataError, MissingAnswerError, default_data_dir, read_rows
 from conspo_jax.rewards.extract import extract_boxed
 
-DATA_DIR_ENV = "CONSPO_DATA_DIR"
 log = logging.getLogger(__name__)
-
-
-class DataError(UsageError):
-    """A data file or dataset name that cannot be used: missing, unreadable, empty, truncated, of an
-    unknown format, or a row without a required field. The message names the file (and row / field)."""
-
-
-class MissingAnswerError(DataError):
-    """A row has no usable answer; training sets skip such rows, evaluation sets refuse them."""
-
-
-def default_data_dir() -> str:
-    """``$CONSPO_DATA_DIR``, else ``../shared/data`` next to the repository root."""
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        return env
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.normpath(os.path.join(repo, "..", "shared", "data"))
-
-
-# --- reading files -----------------------------------------------------------------------------------
-
-_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
-def _parse_int(text: str):
-    # json.loads refuses integers of more than 4300 digits (Python's conversion limit); keep them as text.
-    return int(text) if len(text) < 4000 else text
-
-
-def read_rows(path: str, format: str | None = None) -> list[dict]:
-    """Raw rows of a jsonl / json (array, or {"data": [...]}) / parquet / csv file.
-
-    Raises ``DataError`` naming the file (and line) for a missing, unreadable, empty or truncated file,
-    an unknown extension, or rows that are not objects.
-    """
-    if not os.path.isfile(path):
-        raise DataError(f"no such data file: {path!r} (set ${DATA_DIR_ENV} or pass data_dir)")
-    ext = os.path.splitext(path)[1].lower()
-    fmt = format or _FORMATS.get(ext)
-    if fmt is None:
-        raise DataError(
-            f"{path}: unknown data file extension {ext!r} (expected one of {', '.join(_FORMATS)}, or name the "
-            "format: data.train_format)"
-        )
-    if fmt not in _FORMATS.values():
-        raise DataError(f"format must be one of jsonl/json/parquet/csv, got {fmt!r} for {path!r}")
-    try:
-        rows = _read(path, fmt)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    if not rows:
-        raise DataError(f"{path}: empty data file (no rows)")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(f"{path} row {i}: expected an object with problem/answer fields, got {type(row).__name__}")
-    return rows
-
-
-def _read(path: str, fmt: str) -> list:
-    if fmt == "jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line, parse_int=_parse_int))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-        return rows
-    if fmt == "json":
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if not text.strip():
-            return []
-        try:
-            data = json.loads(text, parse_int=_parse_int)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
-        return data
-    if fmt == "parquet":
-        import pyarrow
-        import pyarrow.parquet as pq
-
-        try:
-            return pq.read_table(path).to_pylist()
-        except pyarrow.ArrowException as e:
-            raise DataError(f"{path}: not a readable parquet file ({e})") from None
-    with open(path, encoding="utf-8", newline="") as f:
-        try:
-            return list(csv.DictReader(f))
-        except csv.Error as e:
-            raise DataError(f"{path}: not a readable csv file ({e})") from None
 
 
 # --- field normalisation -----------------------------------------------------------------------------
@@ -452,7 +350,7 @@ def load_dataset_spec(
         return load_records(spec, fmt, limit=limit)
     if spec.startswith("hf:") or canonical_name(spec) in BENCHMARKS:
         return load_benchmark(spec, data_dir, limit=limit)
-    if os.path.sep in spec or os.path.splitext(spec)[1].lower() in _FORMATS:
+    if os.path.sep in spec or os.path.splitext(spec)[1].lower() in FORMATS:
         raise DataError(f"no such data file: {spec!r}")
     raise DataError(
         f"dataset {spec!r} is neither a known name ({', '.join(BENCHMARKS)}), an existing file, "

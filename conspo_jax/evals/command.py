@@ -1,6 +1,6 @@
 """``conspo eval``: load a policy (an HF directory or a trainer checkpoint) and run the benchmarks.
 
-Everything is built through ``conspo_jax.build``, as in training: the same engine factory, so the
+Everything is built through ``conspo_jax.run.build``, as in training: the same engine factory, so the
 sampler here is the one in-training evaluation uses (same KV-cache dtype, same prompt buckets).
 """
 
@@ -10,10 +10,10 @@ import copy
 import os
 from collections.abc import Sequence
 
-from conspo_jax import build
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 from conspo_jax.data import math_data
 from conspo_jax.evals.runner import evaluate
+from conspo_jax.run import build
 
 
 def run_eval_command(

@@ -6,7 +6,7 @@ encodes each problem with the paper's prompt, samples k completions per problem 
 them in the reward pool while the engine samples the next chunk, and writes ``results.json``,
 ``table.md`` and ``samples.jsonl`` (every sample with its extracted answer and verdict) to ``out_dir``.
 
-With several processes (``conspo_jax.distributed``) every engine call's prompts are split into one
+With several processes (``conspo_jax.base.distributed``) every engine call's prompts are split into one
 contiguous slice per process, each process samples (one global decode) and verifies its slice, the
 verdicts are gathered, and process 0 writes the files: the scores are those of one process.
 """
@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from conspo_jax import distributed
+from conspo_jax.base import distributed
 from conspo_jax.data import math_data
 from conspo_jax.data.prompts import encode_prompt
 from conspo_jax.evals import metrics, report
@@ -104,7 +104,7 @@ def evaluate(
     pool:          a ``RewardPool`` to verify with (default: a private one, closed at the end).
     encode:        record -> prompt token ids (default: the paper's math prompt, ``encode_prompt``).
     verify:        (texts, answers) -> one ``Verdict`` each (default: ``pool.verify``, math-verify).
-                   A training task passes its own ``encode`` / ``verify`` (``conspo_jax.build.Task``).
+                   A training task passes its own ``encode`` / ``verify`` (``conspo_jax.run.build.Task``).
     chunk_seed:    (benchmark, first problem index) -> the sampling seed of that engine call
                    (default: a hash of ``seed``, the benchmark name and the index).
     """

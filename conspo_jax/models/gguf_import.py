@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 from conspo_jax.models.config import ModelConfig
 from conspo_jax.models.hf_io import replace_dir
 

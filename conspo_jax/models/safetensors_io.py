@@ -19,7 +19,7 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 
 _DTYPES = {
     "BF16": ml_dtypes.bfloat16,

@@ -18,7 +18,8 @@ bench/verifier.py measures it.
 
 from conspo_jax.rewards.api import default_pool, math_reward, math_reward_batch, shutdown_default_pool
 from conspo_jax.rewards.extract import MAX_ANSWER_CHARS, extract_boxed, normalize_answer
-from conspo_jax.rewards.pool import RewardPool, Verdict
+from conspo_jax.rewards.pool import RewardPool
+from conspo_jax.rewards.verdict import Verdict
 
 __all__ = [
     "MAX_ANSWER_CHARS",

@@ -8,8 +8,9 @@ hard deadline, SIGKILLs a worker that misses it (that sample scores 0.0, reason 
 replacement. Workers are plain subprocesses rather than ``multiprocessing`` children so that they never
 re-import the caller's ``__main__`` and never inherit a forked JAX runtime.
 
-The parent does the cheap part itself (``extract.py``): extraction of the last box, size bounds, exact
-and integer matches. Only the bounded remainder crosses the pipe.
+The parent does the cheap part itself (``verdict.decide_in_parent``): extraction of the last box, size
+bounds, exact and integer matches. Only the bounded remainder crosses the pipe, to workers driven through
+their handles in ``worker_process.py``.
 
 The bound (issue 14: no verifier call over 2 s, whatever the response). A *call* is the verification
 of one response: ``math_reward(response, gt)``, or one element of ``verify([...])``. Its clock starts
@@ -48,12 +49,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import json
 import os
 import selectors
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -62,31 +60,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from conspo_jax.rewards import extract as ex
+from conspo_jax.rewards.verdict import Verdict, decide_in_parent
+from conspo_jax.rewards.worker_process import Worker, default_num_workers
 
 DEFAULT_TIMEOUT_S = 1.5
 DEFAULT_WALL_S = 1.8  # fires 0.2 s early so that, with the driver's wake-up and reaping, a call ends within 2 s
 _MIN_SLICE_S = 0.05  # a task with less wall time left than this is not dispatched
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process (Linux /proc); None where that is unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15)
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """The outcome for one response: score 1.0/0.0, the extracted answer, and how it was decided."""
-
-    score: float
-    extracted: str | None
-    reason: str
-    cpu_s: float | None = None  # worker CPU seconds spent on it (None: decided in the parent)
 
 
 @dataclasses.dataclass(eq=False)
@@ -106,97 +85,6 @@ class _Batch:
         self.remaining -= 1
         if self.remaining == 0:
             self.done.set()
-
-
-def default_num_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
-class _Worker:
-    def __init__(self, memory_limit_mb: int):
-        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "conspo_jax.rewards._worker", "--mem-mb", str(memory_limit_mb)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            start_new_session=True,  # the terminal's Ctrl-C goes to the parent, which then closes us
-        )
-        self.fd = self.proc.stdout.fileno()
-        os.set_blocking(self.fd, False)
-        self.buf = b""
-        self.ready = False
-        self.task: int | None = None
-        self.deadline = 0.0  # when the parent looks at this task next
-        self.sent = self.wall_deadline = self.stuck_at = self.kill_at = 0.0
-        self.cpu_at_send: float | None = None
-        self.cpu_budget = 0.0
-
-    def send(self, task_id: int, pred: str, gold: str, timeout_s: float, wall_deadline: float) -> None:
-        # The worker stops itself after ~85% of the limit in CPU, before the parent's wall-clock kill
-        # would cost a process restart; never more CPU than the wall time the task has left.
-        now = time.monotonic()
-        self.cpu_budget = round(0.85 * min(timeout_s, wall_deadline - now), 3)
-        msg = {"i": task_id, "p": pred, "g": gold, "t": self.cpu_budget}
-        self.proc.stdin.write((json.dumps(msg) + "\n").encode())
-        self.proc.stdin.flush()
-        self.task = task_id
-        self.sent, self.wall_deadline = now, wall_deadline  # the caller has its verdict by wall_deadline
-        self.stuck_at = now + timeout_s  # had its CPU by then and no reply: stuck in C code, killed
-        self.kill_at = now + max(4 * timeout_s, wall_deadline - now)  # starved this long: killed anyway
-        self.deadline = min(self.stuck_at, wall_deadline)
-        self.cpu_at_send = _cpu_seconds(self.proc.pid)
-
-    def task_cpu(self) -> float | None:
-        cpu = _cpu_seconds(self.proc.pid)
-        return None if cpu is None or self.cpu_at_send is None else cpu - self.cpu_at_send
-
-    def starved(self) -> bool:
-        """True if the task has not yet had its CPU budget (plus time for the worker's own timer to
-        act): it was waiting for a CPU, so the wall-clock deadline says nothing about it."""
-        used = self.task_cpu()
-        return used is not None and used < self.cpu_budget + 0.1
-
-    def read_messages(self) -> tuple[list[dict], bool]:
-        """Messages available now, and whether the worker's stdout hit EOF (it died)."""
-        eof = False
-        while True:
-            try:
-                chunk = os.read(self.fd, 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                eof = True
-                break
-            self.buf += chunk
-        *lines, self.buf = self.buf.split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()], eof
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.kill(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-
-    def shutdown(self, grace_s: float) -> None:
-        try:
-            self.proc.stdin.close()  # EOF: the worker's read loop ends and it exits
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill()
 
 
 class RewardPool:
@@ -249,7 +137,7 @@ class RewardPool:
         self._lock = threading.Lock()  # the driver lock: its holder alone touches workers and _inflight
         self._queue_lock = threading.Lock()  # guards _pending, which every caller appends to
         self._pending: collections.deque = collections.deque()  # (batch, index, pred, gold, wall deadline)
-        self._inflight: dict[int, tuple[_Worker, _Batch, int]] = {}  # task id -> (worker, batch, index)
+        self._inflight: dict[int, tuple[Worker, _Batch, int]] = {}  # task id -> (worker, batch, index)
         self._task_ids = itertools.count()
         # A caller that queues work while the driver sleeps in select() wakes it through this pipe.
         # (Socket objects, not raw pipe fds: a late write after close() raises instead of landing in
@@ -258,7 +146,7 @@ class RewardPool:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._closed = False
-        self._workers: list[_Worker] = []
+        self._workers: list[Worker] = []
         self.num_timeouts = 0  # total over the pool's life, for logging
         self.num_restarts = 0
         self._start_failures = 0
@@ -268,9 +156,9 @@ class RewardPool:
 
     def _top_up(self) -> None:
         while len(self._workers) < self.num_workers + self.spare_workers:
-            self._workers.append(_Worker(self.memory_limit_mb))
+            self._workers.append(Worker(self.memory_limit_mb))
 
-    def _drop(self, w: _Worker) -> None:
+    def _drop(self, w: Worker) -> None:
         """Kills ``w`` and starts its replacement at once, so it warms up while others work."""
         w.kill()
         if w in self._workers:
@@ -354,20 +242,10 @@ class RewardPool:
         for i, (resp, gt) in enumerate(zip(responses, ground_truths)):
             if not isinstance(resp, str):
                 raise TypeError(f"RewardPool.verify: responses[{i}] must be str, got {type(resp).__name__}")
-            box = ex.extract_answer(resp, answer_format)
+            box, verdicts[i], pair = decide_in_parent(resp, gt, answer_format, self.max_answer_chars)
             extracted.append(box)
-            if box is None:
-                verdicts[i] = Verdict(0.0, None, ex.NO_BOX)
-                continue
-            # Linear-time checks first: a 5000-digit integer that matches is scored, however long.
-            pred, gold = ex.normalize_answer(box), ex.ground_truth_answer(gt)
-            quick = ex.quick_verdict(pred, gold)
-            if quick is not None:
-                verdicts[i] = Verdict(quick[0], box if len(box) <= self.max_answer_chars else box[:200], quick[1])
-            elif max(len(pred), len(gold)) > self.max_answer_chars:
-                verdicts[i] = Verdict(0.0, box[:200], ex.TOO_LONG)
-            else:
-                todo.append((i, pred, gold))
+            if verdicts[i] is None:
+                todo.append((i, *pair))
         if todo:
             self._check_open()
             if not self._warmed.is_set():  # a new pool's start-up is not part of any call

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conspo_jax import distributed
+from conspo_jax.base import distributed
 from conspo_jax.rollout.sampling import sample_tokens
 
 MIN_WINDOW = 64

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from conspo_jax import distributed
+from conspo_jax.base import distributed
 from conspo_jax.models import load_hf_policy
 from conspo_jax.rollout.decode import DecodePrograms, prepare_sampling_state, run_decode
 from conspo_jax.rollout.engine import FINISH_LENGTH, FINISH_STOP, RolloutEngine, Rollouts, SamplingParams

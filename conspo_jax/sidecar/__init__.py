@@ -1,22 +1,22 @@
-"""The gRPC rollout sidecar: a process that owns the rollout engine (SGLang or the embedded JAX
-sampler), generates and verifies groups of rollouts, and streams them to the JAX trainer, which
-pushes new weights as HF safetensors directories after each update.
+"""The gRPC rollout sidecar, server side: a process that owns a rollout engine (SGLang or the embedded
+JAX sampler), generates and verifies groups of rollouts, streams them to the trainer, and loads the
+weights the trainer pushes as HF safetensors directories.
+
+The trainer's side is an engine like any other, ``conspo_jax.rollout.sidecar_client.SidecarClient``;
+the protocol both sides speak is ``conspo_jax.rollout.wire``. This package imports neither the trainer
+nor the evaluator.
 
 Public API (imported lazily, so verifier worker processes stay light):
-  SidecarClient, SidecarError        trainer side (client.py)
-  serve, serve_from_cli, SidecarOptions   sidecar side (server.py)
-  WeightStore                        versioned weight directories (weights.py)
+  serve, serve_from_cli   (server.py)
+  SidecarOptions          (options.py)
 """
 
 import importlib
 
 _EXPORTS = {
-    "SidecarClient": "client",
-    "SidecarError": "client",
     "serve": "server",
     "serve_from_cli": "server",
-    "SidecarOptions": "server",
-    "WeightStore": "weights",
+    "SidecarOptions": "options",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,7 +12,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from conspo_jax.configs import UsageError
+    from conspo_jax.base.configs import UsageError
 
     p = argparse.ArgumentParser(prog="python -m conspo_jax.sidecar", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="experiment config module path.py[:arg] (needed by the jax/sglang engines)")
@@ -41,11 +41,13 @@ def main(argv=None) -> int:
 
 
 def _serve(args) -> int:
-    from conspo_jax.sidecar.server import TOKEN_ENV, options_from_config, run_until_signalled, serve
+    from conspo_jax.rollout.wire import TOKEN_ENV
+    from conspo_jax.sidecar.options import options_from_config
+    from conspo_jax.sidecar.server import run_until_signalled, serve
 
     config = None
     if args.config:
-        from conspo_jax.configs import load_config_module
+        from conspo_jax.base.configs import load_config_module
 
         config = load_config_module(args.config)
     opts = options_from_config(config, port=args.port, host=args.host)

@@ -1,7 +1,7 @@
 """The engines a sidecar can serve, by name: 'jax', 'sglang' and the deterministic test engine 'mock'.
 
 ``build_engine(name, config, **overrides)`` returns an ``EngineHandle``: the ``RolloutEngine`` (built by
-``conspo_jax.build.make_engine``, the one factory; PushWeights calls its ``sync(path, version)``) and
+``conspo_jax.run.build.make_engine``, the one factory; PushWeights calls its ``sync(path, version)``) and
 the tokenizer spec that verification decodes with.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from conspo_jax import build
 from conspo_jax.rollout.engine import RolloutEngine
+from conspo_jax.run import build
 
 ENGINES = ("jax", "sglang", "mock")
 

@@ -15,7 +15,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from conspo_jax.configs import UsageError, _has_key, parse_command_line, stderr_line
+from conspo_jax.base.configs import UsageError, _has_key, parse_command_line, stderr_line
 from conspo_jax.sweep.grid import load_sweep
 from conspo_jax.sweep.report import write_report
 from conspo_jax.sweep.runner import run_sweep

@@ -15,7 +15,7 @@ import re
 import sys
 from typing import Any
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 

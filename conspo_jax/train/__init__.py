@@ -3,7 +3,7 @@
     from conspo_jax.train import train
     train(config, workdir)  # what `conspo train` runs; re-running it resumes
 
-This is the top layer: it builds through ``conspo_jax.build`` and evaluates through ``conspo_jax.evals``;
+This is the top layer: it builds through ``conspo_jax.run.build`` and evaluates through ``conspo_jax.evals``;
 nothing below it imports it.
 """
 

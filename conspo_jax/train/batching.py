@@ -12,7 +12,7 @@ import flax
 import jax
 import numpy as np
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 
 
 @flax.struct.dataclass
@@ -109,3 +109,33 @@ def split_micro_batches(batch: RLBatch, *, mini_batches: int, micro_batch_groups
             micro.append(mb.replace(group_ids=mb.group_ids - g0))
         out.append(jax.tree.map(lambda *xs: np.stack(xs), *micro))
     return out
+
+
+def process_layout(rollout, train, *, dynamic_sampling: bool) -> tuple[int, int]:
+    """(micro-batches per step, groups each process adds to a micro-batch) of a run on every process.
+
+    With P processes each global micro-batch takes g_micro / P whole groups from every process
+    (the pipeline hands each process its slice of every micro-batch, ``num_chunks``)."""
+    r, t = rollout, train
+    num_micro, g_micro = micro_batch_layout(
+        r.prompts_per_step, mini_batches=t.mini_batches, micro_batch_groups=t.micro_batch_groups
+    )
+    procs = jax.process_count()
+    if procs > 1:
+        # Each of these would have the processes issue collectives (the sampler's per-round agreement,
+        # metric gathers) in orders that can differ between processes, and hang.
+        single = {
+            "rollout.async_steps": r.async_steps,  # a producer thread beside the main thread
+            "train.diagnostics_every": t.diagnostics_every,
+        }
+        if dynamic_sampling:  # each process would draw its own number of rounds
+            single["rollout.dynamic_sampling"] = r.dynamic_sampling
+        for key, value in single.items():
+            if value:
+                raise UsageError(f"{key}={value!r} runs on one process only for now, not {procs}")
+    if g_micro % procs:
+        raise UsageError(
+            f"rollout.prompts_per_step={r.prompts_per_step}: the {g_micro} groups of a micro-batch do not "
+            f"split over {procs} processes (every prompt group stays inside one process)"
+        )
+    return t.mini_batches * num_micro, g_micro // procs

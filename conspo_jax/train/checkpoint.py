@@ -2,6 +2,9 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint intact; ``latest`` only ever sees finished steps.
+
+Every process joins the one checkpoint. ``gather_data_states`` / ``local_data_state`` put every
+process's data-iterator position into it and take this process's back out on resume.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+
+from conspo_jax.base import distributed
+from conspo_jax.base.configs import UsageError
 
 
 class Checkpointer:
@@ -54,3 +60,26 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def gather_data_states(data_state: dict) -> dict:
+    """What a checkpoint stores for the data pipeline: this process's state, or every process's in order."""
+    if distributed.multi_process():
+        return {"processes": distributed.allgather(data_state)}
+    return data_state
+
+
+def local_data_state(data_state: dict) -> dict:
+    """This process's data-iterator state from a checkpoint's; a resume with another process count is
+    a ``UsageError`` (each process's prompts would change)."""
+    if "processes" in data_state:
+        states = data_state["processes"]
+        if len(states) != jax.process_count():
+            raise UsageError(
+                f"the checkpoint was written by {len(states)} processes; resume it with as many, "
+                f"not {jax.process_count()}"
+            )
+        return states[jax.process_index()]
+    if distributed.multi_process():
+        raise UsageError("the checkpoint was written by one process; resume it with one process")
+    return data_state

@@ -15,7 +15,8 @@ Seeds: round 0 samples with the seed a step always had (so a run without dynamic
 round k > 0 folds k into the step's key, so every round of every step has its own fixed seed and a resumed
 run regenerates exactly the same rounds.
 
-``RolloutBatch`` (what the collect stage hands on) and ``rollout_metrics`` (its per-step scalars) live here too.
+``Collector`` is the stage itself (generation rounds, verification, shaping); ``RolloutBatch`` (what it
+hands on) and ``rollout_metrics`` (its per-step scalars) live here too.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import time
 import jax
 import numpy as np
 
-from conspo_jax import distributed
-from conspo_jax.objectives import fill_batch_with_varied_groups, shape_overlong_rewards
-from conspo_jax.rollout import Rollouts
+from conspo_jax.base import distributed
+from conspo_jax.objectives import check_rewards, fill_batch_with_varied_groups, shape_overlong_rewards
+from conspo_jax.rollout import Rollouts, SamplingParams
 
 
 @dataclasses.dataclass
@@ -161,3 +162,101 @@ def rollout_metrics(rb: RolloutBatch, row: dict, t0: float) -> dict:
         # over equal numbers of groups, so their mean over processes is the global batch's.
         **{k: float(np.mean([st[k] for st in stats])) for k in sorted(rb.stats)},
     }
+
+
+class Collector:
+    """The collect stage: a step's prompts from the data iterator, sampled, verified and shaped.
+
+    It holds what a collect reads (the rollout config, the task, the tokenizer, the data iterator, the host
+    copy of the rollout seed key) and takes the engine per call, since the trainer owns (and may swap) it.
+    With ``rollout.async_steps=1`` it runs on the producer thread, so it touches no device train state.
+    """
+
+    def __init__(
+        self,
+        rollout,
+        *,
+        task,
+        tokenizer,
+        data_iter,
+        rng_host,
+        stop_ids,
+        dynamic_sampling: bool,
+        overlong_buffer: int,
+        batches_per_round: int,
+    ):
+        self.rollout, self.task, self.tokenizer, self.data_iter = rollout, task, tokenizer, data_iter
+        self.rng_host, self.stop_ids = rng_host, stop_ids
+        self.dynamic_sampling, self.overlong_buffer = dynamic_sampling, overlong_buffer
+        self.batches_per_round = batches_per_round
+
+    def collect(self, engine, step: int) -> RolloutBatch:
+        """Generates the step's rollouts with ``engine`` and verifies them (unless the engine already did).
+
+        With dynamic sampling, generates rounds of fresh prompts until ``prompts_per_step`` groups with
+        varied rewards are found or ``rollout.max_sampling_rounds`` is reached; overlong shaping then adds
+        DAPO's length penalty to the rewards (see the module doc).
+
+        """
+        r = self.rollout
+        t0 = time.time()
+        rounds = [self._generate_round(engine, step, 0)]
+        stats, mask = {}, None
+        if self.dynamic_sampling:
+            while True:
+                picks, mask, stats = dynamic_batch(rounds, target_groups=r.prompts_per_step, n=r.n)
+                if not stats["rollout/padded_groups"] or len(rounds) >= r.max_sampling_rounds:
+                    break
+                rounds.append(self._generate_round(engine, step, len(rounds)))
+            records, prompts, rollouts, raw = gather_groups(rounds, picks, r.n)
+        else:
+            records, prompts, rollouts, raw = (
+                rounds[0].records,
+                rounds[0].prompts,
+                rounds[0].rollouts,
+                rounds[0].rewards_R,
+            )
+        rewards, shaping = shape_rewards(
+            raw,
+            rollouts.completion_lens_R,
+            max_len=r.max_new_tokens,
+            buffer=self.overlong_buffer,
+            penalty=r.overlong_penalty,
+            rollout_mask_R=mask,
+        )
+        stats.update(shaping)
+        # reward/mean: the policy's accuracy on the step's first draw of prompts, comparable across objectives
+        # (the trained batch is biased towards mixed groups when dynamic sampling is on).
+        stats["reward/mean"] = float(np.mean(rounds[0].rewards_R))
+        if self.dynamic_sampling or self.overlong_buffer:
+            real = np.ones_like(rewards) if mask is None else mask
+            stats["reward/trained_mean"] = float(np.sum(rewards * real) / max(np.sum(real), 1.0))
+        stats["time/collect_s"] = time.time() - t0  # all rounds, verification and shaping included
+        generate_s = sum(rd.generate_s for rd in rounds)  # the engine calls alone, as before dynamic sampling
+        return RolloutBatch(records, prompts, rollouts, rewards, generate_s, mask, stats, step)
+
+    def _generate_round(self, engine, step: int, index: int) -> Round:
+        """Generation round ``index`` of ``step``: the next data batch(es), sampled and verified."""
+        r = self.rollout
+        records = [rec for _ in range(self.batches_per_round) for rec in next(self.data_iter)]  # {id, problem, answer}
+        prompts = [self.task.encode(rec) for rec in records]
+        sampling = SamplingParams(
+            n=r.n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens,
+            stop_token_ids=self.stop_ids,
+            seed=round_seed(self.rng_host, step, index),
+        )
+        answers = [rec["answer"] for rec in records]
+        ids = [str(rec.get("id", i)) for i, rec in enumerate(records)]
+        t0 = time.time()
+        rollouts = engine.generate(prompts, sampling, answers=answers, prompt_ids=ids)
+        generate_s = time.time() - t0
+        rewards = rollouts.rewards_R
+        if rewards is None:
+            texts = self.tokenizer.batch_decode(rollouts.completions(), skip_special_tokens=True)
+            rewards = self.task.reward(texts, [answers[g] for g in rollouts.group_ids_R])
+        check_rewards(rewards)  # a non-finite reward is an error naming the rollout, for every objective
+        return Round(records, prompts, rollouts, np.asarray(rewards, np.float32), generate_s)

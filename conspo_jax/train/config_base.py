@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.tokenizer = ""  # defaults to model.path; 'arith' builds the synthetic task's tokenizer
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
-    # Multi-process runs (conspo_jax/distributed.py; BUILD.md "Many hosts"). Unset values fall back to
+    # Multi-process runs (conspo_jax/base/distributed.py; BUILD.md "Many hosts"). Unset values fall back to
     # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, then to JAX's cluster detection.
     c.distributed = ml_collections.ConfigDict(
         dict(enabled=False, coordinator="", num_processes=0, process_id=-1, init_timeout_s=300)

@@ -1,4 +1,5 @@
-"""In-flight rollout batches of an overlapped run (``rollout.async_steps=1``), saved beside each checkpoint.
+"""The in-flight store: the rollout batch of an overlapped run (``rollout.async_steps=1``) that was collected
+for the next step and not yet trained on, held between steps and saved beside each checkpoint.
 
 With one step of overlap, the checkpoint taken after step k already has step k+1's rollouts generated
 (from the weights of step k), and the data iterator has moved past their prompts. Resuming exactly means
@@ -93,3 +94,35 @@ def prune(directory: str, keep_steps) -> None:
         m = _NAME.match(name)
         if m and int(m.group(2)) == jax.process_index() and int(m.group(1)) not in keep:
             os.remove(os.path.join(directory, name))
+
+
+class InflightStore:
+    """The batch in flight between two steps (``pending``), and its copies beside the checkpoints.
+
+    The producer's result goes in with ``put`` after each update; the next step ``take``s it (None: a
+    synchronous run, or the first step, collects its own). ``save`` writes it before a checkpoint,
+    ``restore`` reads it back on resume.
+    """
+
+    def __init__(self, directory: str, cls):
+        self.directory, self.cls = directory, cls
+        self.pending = None
+
+    def restore(self, step: int) -> None:
+        """Takes up the batch saved with checkpoint ``step`` (none for a synchronous run's checkpoint)."""
+        self.pending = load(self.directory, step, self.cls)
+
+    def take(self):
+        batch, self.pending = self.pending, None
+        return batch
+
+    def put(self, batch) -> None:
+        self.pending = batch
+
+    def save(self, step: int) -> None:
+        """Written before checkpoint ``step`` itself: a checkpoint never lacks the batch it expects."""
+        if self.pending is not None:
+            save(self.directory, step, self.pending)
+
+    def prune(self, keep_steps) -> None:
+        prune(self.directory, keep_steps)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-from conspo_jax.configs import UsageError, config_to_json
+from conspo_jax.base.configs import UsageError, config_to_json
 
 # Keys a resumed run may change without --allow_config_change: the length of training, and settings that
 # do not change what is computed (where the sidecar listens, the progress bar, the compilation cache).

@@ -32,8 +32,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from conspo_jax import distributed
-from conspo_jax.configs import UsageError
+from conspo_jax.base import distributed
+from conspo_jax.base.configs import UsageError
 from conspo_jax.models import token_logprobs
 from conspo_jax.train.step import state_shardings, warmup_then_constant
 

@@ -1,15 +1,20 @@
 """The RLVR training loop as stages: collect -> make_batches -> update -> after_step.
 
-``Trainer`` owns what a run holds (the built objects from ``conspo_jax.build``, the train state, the
+``Trainer`` owns what a run holds (the built objects from ``conspo_jax.run.build``, the train state, the
 jitted step functions, the reference parameters); ``train(config, workdir)`` is what ``conspo train``
-runs, and re-running it resumes. Each stage is one method with a typed result, so a new feature
-(overlapped rollouts, dynamic sampling, another writer) has one obvious place to go.
+runs, and re-running it resumes. Each stage is one method with a typed result; the work behind them sits
+in modules of one purpose each, so a new feature has one obvious place to go:
+
+  collect.py     the collect stage (generation rounds, verification, dynamic sampling, shaping)
+  producer.py    overlapped rollouts: the next step's collect on a thread, the staleness bound
+  inflight.py    the batch in flight between two steps, saved beside each checkpoint
+  programs.py    the jitted update and old-policy log-probs, built from the config's shapes
+  evaluation.py  held-out or benchmark evaluation when due
+  export.py      results.json, the reward curve and the HF export of a finished run
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
 import logging
 import os
 import time
@@ -20,41 +25,31 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from conspo_jax import build, distributed, logs
-from conspo_jax.configs import UsageError, config_to_json
+from conspo_jax.base import distributed, logs
+from conspo_jax.base.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
-from conspo_jax.evals.runner import evaluate
-from conspo_jax.models import save_hf_policy
-from conspo_jax.objectives import check_rewards, get_objective, resolve_dapo_rollout
-from conspo_jax.rollout import SamplingParams
-from conspo_jax.train import inflight
-from conspo_jax.train.batching import RLBatch, build_rl_batch, micro_batch_layout, split_micro_batches
-from conspo_jax.train.checkpoint import Checkpointer
-from conspo_jax.train.collect import (
-    RolloutBatch,
-    Round,
-    dynamic_batch,
-    gather_groups,
-    rollout_metrics,
-    round_seed,
-    shape_rewards,
-)
+from conspo_jax.objectives import resolve_dapo_rollout
+from conspo_jax.run import build
+from conspo_jax.train import programs
+from conspo_jax.train.batching import RLBatch, build_rl_batch, process_layout, split_micro_batches
+from conspo_jax.train.checkpoint import Checkpointer, gather_data_states, local_data_state
+from conspo_jax.train.collect import Collector, RolloutBatch, rollout_metrics
 from conspo_jax.train.diagnostics import write_credit_dump
-from conspo_jax.train.metrics import MetricsWriter, atomic_write, plot_reward_curve, read_metrics
+from conspo_jax.train.evaluation import Evaluator
+from conspo_jax.train.export import RunOutputs
+from conspo_jax.train.inflight import InflightStore
+from conspo_jax.train.metrics import MetricsWriter, atomic_write
+from conspo_jax.train.producer import Producer
 from conspo_jax.train.resume import check_resume_config
 from conspo_jax.train.sft import cached_warm_start
 from conspo_jax.train.step import (
     init_train_state,
     make_logprob_fn,
     make_optimizer,
-    make_train_step,
     micro_batch_shardings,
 )
 
 log = logging.getLogger(__name__)
-
-HELD_OUT = "heldout"  # the synthetic task's held-out split, as the evaluator names it
-_EVAL_SEED_OFFSET = 10_000  # held-out sampling seed = config.seed + this (kept from the first demo runs)
 
 
 class Trainer:
@@ -89,8 +84,7 @@ class Trainer:
         self.graphdef, params, self.rest = nnx.split(policy, nnx.Param, ...)
 
         r, name = config.rollout, config.objective.name
-        self.objective_kwargs = dict(config.objective[name]) if name in config.objective else {}
-        self.objective_fn = get_objective(name)
+        self.objective_fn, self.objective_kwargs = programs.objective_of(config)
         self.total_steps, num_epochs = self._schedule()
         # DAPO's dynamic sampling and overlong shaping (conspo_jax/train/collect.py); 'auto' = on for dapo only.
         self.dynamic_sampling, self.overlong_buffer = resolve_dapo_rollout(
@@ -102,7 +96,7 @@ class Trainer:
         self.batches_per_round = r.oversample if self.dynamic_sampling else 1
         if self.dynamic_sampling:  # the worst case: every step runs every round; the stream never runs dry
             num_epochs *= r.max_sampling_rounds * self.batches_per_round
-        self.layout = self._process_layout()
+        self.layout = process_layout(r, config.train, dynamic_sampling=self.dynamic_sampling)
         self.optimizer = make_optimizer(**config.optim)
         self.state = init_train_state(params, self.optimizer, jax.random.key(config.seed), self.mesh)
         self.data_iter = make_prompt_dataset(
@@ -122,28 +116,48 @@ class Trainer:
         # function donates (and so deletes) the device train state.
         self.rng_host = np.asarray(jax.device_get(self.state.rng))
         self.async_steps = int(config.rollout.async_steps)
-        self.inflight_dir = os.path.join(workdir, "inflight")
-        # Overlapped runs: step t+1's batch (made by a producer thread while step t trains) and the thread.
-        self.pending = inflight.load(self.inflight_dir, self.start, RolloutBatch) if self.resumed else None
-        self.producer = concurrent.futures.ThreadPoolExecutor(1, "rollouts") if self.async_steps else None
+        # Overlapped runs: step t+1's batch (made by the producer's thread while step t trains) and the thread.
+        self.inflight = InflightStore(os.path.join(workdir, "inflight"), RolloutBatch)
+        if self.resumed:
+            self.inflight.restore(self.start)
+        self.producer = Producer(self.async_steps, max_staleness=config.rollout.sidecar.max_staleness)
         self.writer = (
             MetricsWriter(workdir, resume_step=self.start if self.resumed else None) if self.primary else _NoWriter()
         )
         self.engine = build.make_engine(
             config,
-            nnx.merge(self.graphdef, self._engine_weights(), self.rest),
+            nnx.merge(self.graphdef, self.producer.engine_weights(self.state.params), self.rest),
             self.tokenizer,
             self.mesh,
             version=self.start,
         )
+        self.collector = Collector(
+            r,
+            task=self.task,
+            tokenizer=self.tokenizer,
+            data_iter=self.data_iter,
+            rng_host=self.rng_host,
+            stop_ids=self.stop_ids,
+            dynamic_sampling=self.dynamic_sampling,
+            overlong_buffer=self.overlong_buffer,
+            batches_per_round=self.batches_per_round,
+        )
+        self.evaluator = Evaluator(
+            config, task=self.task, tokenizer=self.tokenizer, stop_ids=self.stop_ids, workdir=workdir
+        )
         self.width = config.data.max_prompt_len
-        self.needs_old_logp = self.objective_fn.uses_old_logp and config.train.mini_batches > 1
-        example = self._example_batch()
-        self.batch_shardings = micro_batch_shardings(example, self.mesh)
-        self.old_logp_fn = self._build_old_logp_fn(example) if self.needs_old_logp else None
-        self.step_fn = self._build_step_fn()
+        self.needs_old_logp = programs.uses_old_logp(config)
+        # The programs (conspo_jax/train/programs.py), compiled for the config's shapes before any rollout.
+        self.example = programs.example_batch(config, needs_old_logp=self.needs_old_logp)
+        self.batch_shardings = micro_batch_shardings(self.example, self.mesh)
+        self.old_logp_fn = None
+        if self.needs_old_logp:
+            self.old_logp_fn = programs.build_old_logp_fn(self.graphdef, self.width, self.batch_shardings.old_logp)
+        self.step_fn = programs.build_step_fn(
+            config, self.state, self.example, self.mesh, self.graphdef, self.rest, self.ref_params, self.optimizer
+        )
         self._diag_logp_fn = None  # built on the first train.diagnostics_every step
-        self.results = self._load_results()
+        self.outputs = RunOutputs(workdir, primary=self.primary, resumed=self.resumed)
         self._nonfinite_run = 0
         # Written last: a run whose config fails to build leaves an existing run directory untouched.
         if self.primary:
@@ -161,54 +175,10 @@ class Trainer:
         total = self.config.train.num_steps or steps_per_epoch * self.config.data.num_epochs
         return total, -(-total // steps_per_epoch)
 
-    def _process_layout(self) -> tuple[int, int]:
-        """(micro-batches per step, groups each process adds to a micro-batch).
-
-        With P processes each global micro-batch takes g_micro / P whole groups from every process
-        (the pipeline hands each process its slice of every micro-batch, ``num_chunks``)."""
-        r, t = self.config.rollout, self.config.train
-        num_micro, g_micro = micro_batch_layout(
-            r.prompts_per_step, mini_batches=t.mini_batches, micro_batch_groups=t.micro_batch_groups
-        )
-        procs = jax.process_count()
-        if procs > 1:
-            # Each of these would have the processes issue collectives (the sampler's per-round agreement,
-            # metric gathers) in orders that can differ between processes, and hang.
-            single = {
-                "rollout.async_steps": r.async_steps,  # a producer thread beside the main thread
-                "train.diagnostics_every": t.diagnostics_every,
-            }
-            if self.dynamic_sampling:  # each process would draw its own number of rounds
-                single["rollout.dynamic_sampling"] = r.dynamic_sampling
-            for key, value in single.items():
-                if value:
-                    raise UsageError(f"{key}={value!r} runs on one process only for now, not {procs}")
-        if g_micro % procs:
-            raise UsageError(
-                f"rollout.prompts_per_step={r.prompts_per_step}: the {g_micro} groups of a micro-batch do not "
-                f"split over {procs} processes (every prompt group stays inside one process)"
-            )
-        return t.mini_batches * num_micro, g_micro // procs
-
     def _save_checkpoint(self, done: int) -> None:
         # Every process joins the (one) Orbax checkpoint; the data positions of all are gathered into it.
-        data = self.data_iter.get_state()
-        if distributed.multi_process():
-            data = {"processes": distributed.allgather(data)}
+        data = gather_data_states(self.data_iter.get_state())
         self.ckpt.save(done, self.state, data, {"step": done, "weight_version": done}, self.ref_params)
-
-    def _restore_data(self, data_state: dict) -> None:
-        if "processes" in data_state:
-            states = data_state["processes"]
-            if len(states) != jax.process_count():
-                raise UsageError(
-                    f"the checkpoint was written by {len(states)} processes; resume it with as many, "
-                    f"not {jax.process_count()}"
-                )
-            data_state = states[jax.process_index()]
-        elif distributed.multi_process():
-            raise UsageError("the checkpoint was written by one process; resume it with one process")
-        self.data_iter.set_state(data_state)
 
     def _restore_or_warm_start(self, needs_ref: bool):
         """(RL steps already done, reference params). The reference policy (KL terms) is the policy RL started from:
@@ -219,7 +189,7 @@ class Trainer:
             self.state, data_state, meta, ref = self.ckpt.restore(
                 resume, self.state, self.state.params if needs_ref else None
             )
-            self._restore_data(data_state)
+            self.data_iter.set_state(local_data_state(data_state))
             log.info(f"resumed from step {resume} ({self.ckpt.directory})")
             return int(meta["step"]), ref
         c = self.config
@@ -230,144 +200,12 @@ class Trainer:
             self.state = init_train_state(params, self.optimizer, jax.random.key(c.seed), self.mesh)
         return 0, jax.tree.map(jnp.copy, self.state.params) if needs_ref else None
 
-    def _example_batch(self) -> RLBatch:
-        """The shapes every micro-batch stack has, fixed by the config before any rollout."""
-        r, t = self.config.rollout, self.config.train
-        num_micro, g_micro = micro_batch_layout(
-            r.prompts_per_step, mini_batches=t.mini_batches, micro_batch_groups=t.micro_batch_groups
-        )
-        rows, width = g_micro * r.n, self.width + r.max_new_tokens
-        f32, i32 = jnp.float32, jnp.int32
-
-        def spec(*shape, dtype=f32):
-            return jax.ShapeDtypeStruct((num_micro, rows, *shape), dtype)
-
-        return RLBatch(
-            input_ids=spec(width, dtype=i32),
-            attention_mask=spec(width, dtype=i32),
-            completion_mask=spec(r.max_new_tokens),
-            engine_logp=spec(r.max_new_tokens),
-            rewards=spec(),
-            group_ids=spec(dtype=i32),
-            rollout_mask=spec(),
-            old_logp=spec(r.max_new_tokens) if self.needs_old_logp else None,
-            group_size=r.n,
-        )
-
-    def _build_old_logp_fn(self, example: RLBatch):
-        flat_fn = make_logprob_fn(self.graphdef, self.width)
-
-        def stacked(params, rest, ids_MxRxT, mask_MxRxT):
-            m, rows, width = ids_MxRxT.shape
-            flat = flat_fn(params, rest, ids_MxRxT.reshape(-1, width), mask_MxRxT.reshape(-1, width))
-            return flat.reshape(m, rows, -1)
-
-        return jax.jit(stacked, out_shardings=self.batch_shardings.old_logp)
-
-    def _build_step_fn(self):
-        kwargs, fn = self.objective_kwargs, self.objective_fn
-        example = self._example_batch()
-        return make_train_step(
-            self.state,
-            example,
-            self.mesh,
-            rest=self.rest,
-            ref_params=self.ref_params,
-            graphdef=self.graphdef,
-            objective=lambda inputs, **kw: fn(inputs, **kw, **kwargs),
-            num_groups=example.num_groups,
-            prompt_len=self.width,
-            optimizer=self.optimizer,
-            tis_cap=float(self.config.rollout.tis_cap),
-        )
-
-    def _load_results(self) -> dict:
-        """results.json of the run being resumed; if it is unreadable (a pre-atomic-write crash), the
-        before-RL accuracy is recovered from metrics.jsonl's step-0 row."""
-        path = os.path.join(self.workdir, "results.json")
-        if not self.resumed or not os.path.exists(path):
-            return {}
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except json.JSONDecodeError:
-            rows = [r for r in read_metrics(self.workdir) if r["step"] == 0 and "eval/accuracy" in r]
-            log.info(f"{path} was unreadable; rebuilt it from metrics.jsonl")
-            return {"eval/accuracy_before": rows[0]["eval/accuracy"]} if rows else {}
-
     # ---- stages --------------------------------------------------------------------------------
 
     def collect(self, step: int) -> RolloutBatch:
-        """Generates the step's rollouts and verifies them (unless the engine already did).
-
-        With dynamic sampling, generates rounds of fresh prompts until ``prompts_per_step`` groups with
-        varied rewards are found or ``rollout.max_sampling_rounds`` is reached; overlong shaping then adds
-        DAPO's length penalty to the rewards (conspo_jax/train/collect.py).
-
-        With ``rollout.async_steps=1`` it runs on the producer thread, so it reads no device train state.
-        """
-        r = self.config.rollout
-        t0 = time.time()
-        rounds = [self._generate_round(step, 0)]
-        stats, mask = {}, None
-        if self.dynamic_sampling:
-            while True:
-                picks, mask, stats = dynamic_batch(rounds, target_groups=r.prompts_per_step, n=r.n)
-                if not stats["rollout/padded_groups"] or len(rounds) >= r.max_sampling_rounds:
-                    break
-                rounds.append(self._generate_round(step, len(rounds)))
-            records, prompts, rollouts, raw = gather_groups(rounds, picks, r.n)
-        else:
-            records, prompts, rollouts, raw = (
-                rounds[0].records,
-                rounds[0].prompts,
-                rounds[0].rollouts,
-                rounds[0].rewards_R,
-            )
-        rewards, shaping = shape_rewards(
-            raw,
-            rollouts.completion_lens_R,
-            max_len=r.max_new_tokens,
-            buffer=self.overlong_buffer,
-            penalty=r.overlong_penalty,
-            rollout_mask_R=mask,
-        )
-        stats.update(shaping)
-        # reward/mean: the policy's accuracy on the step's first draw of prompts, comparable across objectives
-        # (the trained batch is biased towards mixed groups when dynamic sampling is on).
-        stats["reward/mean"] = float(np.mean(rounds[0].rewards_R))
-        if self.dynamic_sampling or self.overlong_buffer:
-            real = np.ones_like(rewards) if mask is None else mask
-            stats["reward/trained_mean"] = float(np.sum(rewards * real) / max(np.sum(real), 1.0))
-        stats["time/collect_s"] = time.time() - t0  # all rounds, verification and shaping included
-        generate_s = sum(rd.generate_s for rd in rounds)  # the engine calls alone, as before dynamic sampling
-        return RolloutBatch(records, prompts, rollouts, rewards, generate_s, mask, stats, step)
-
-    def _generate_round(self, step: int, index: int) -> Round:
-        """Generation round ``index`` of ``step``: the next data batch(es), sampled and verified."""
-        r = self.config.rollout
-        records = [rec for _ in range(self.batches_per_round) for rec in next(self.data_iter)]  # {id, problem, answer}
-        prompts = [self.task.encode(rec) for rec in records]
-        sampling = SamplingParams(
-            n=r.n,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            max_new_tokens=r.max_new_tokens,
-            stop_token_ids=self.stop_ids,
-            seed=round_seed(self.rng_host, step, index),
-        )
-        answers = [rec["answer"] for rec in records]
-        ids = [str(rec.get("id", i)) for i, rec in enumerate(records)]
-        t0 = time.time()
-        rollouts = self.engine.generate(prompts, sampling, answers=answers, prompt_ids=ids)
-        generate_s = time.time() - t0
-        rewards = rollouts.rewards_R
-        if rewards is None:
-            texts = self.tokenizer.batch_decode(rollouts.completions(), skip_special_tokens=True)
-            rewards = self.task.reward(texts, [answers[g] for g in rollouts.group_ids_R])
-        check_rewards(rewards)  # a non-finite reward is an error naming the rollout, for every objective
-        return Round(records, prompts, rollouts, np.asarray(rewards, np.float32), generate_s)
+        """The step's rollouts, verified and shaped (conspo_jax/train/collect.py); on the producer's thread
+        when overlapped."""
+        return self.collector.collect(self.engine, step)
 
     def make_batches(self, rb: RolloutBatch) -> list[RLBatch]:
         """One ``RLBatch`` of stacked micro-batches per optimizer update, old-policy log-probs included."""
@@ -440,120 +278,41 @@ class Trainer:
         The engine is idle here in both modes (an overlapped run has collected step ``done``'s batch).
         """
         c = self.config
-        self.engine.sync(nnx.merge_state(self._engine_weights(), self.rest), done)
-        if c.eval.every and (done % c.eval.every == 0 or done == self.total_steps):
+        self.engine.sync(nnx.merge_state(self.producer.engine_weights(self.state.params), self.rest), done)
+        if self.evaluator.due(done, self.total_steps):
             row.update(self.evaluate(done))
         self.writer.write(done, row)
         if done % c.train.ckpt_every == 0 or done == self.total_steps:
-            if self.pending is not None:  # written first: a checkpoint never lacks the batch it expects
-                inflight.save(self.inflight_dir, done, self.pending)
+            self.inflight.save(done)  # first: a checkpoint never lacks the batch it expects
             self._save_checkpoint(done)
-            inflight.prune(self.inflight_dir, self.ckpt.all_steps())
-            self._write_results()
-
-    def _engine_weights(self):
-        """The parameters the engine samples from: the train state's own, or a copy when overlapped.
-
-        An overlapped run's producer thread samples while the next update donates (and so deletes) the
-        train state's buffers, from the very first step on.
-        """
-        if self.async_steps:
-            return jax.tree.map(jnp.copy, self.state.params)
-        return self.state.params
+            self.inflight.prune(self.ckpt.all_steps())
+            self.outputs.write_results()
 
     def check_staleness(self, rb: RolloutBatch, step: int) -> RolloutBatch:
-        """The rollouts trained on at ``step`` came from weights at most ``rollout.async_steps`` versions old."""
-        if rb.step != step:
-            raise RuntimeError(f"step {step} got the rollouts collected for step {rb.step}")
-        staleness = step - int(rb.rollouts.weight_version)
-        limit = self.async_steps + int(self.config.rollout.sidecar.max_staleness)
-        if staleness > limit:
-            raise RuntimeError(
-                f"step {step} got rollouts from weight version {rb.rollouts.weight_version}: {staleness} "
-                f"versions old, over the bound of {limit} (rollout.async_steps + rollout.sidecar.max_staleness)"
-            )
-        return rb
+        """``rb`` if it was collected for ``step`` from recent enough weights (conspo_jax/train/producer.py)."""
+        return self.producer.check_staleness(rb, step)
 
     # ---- evaluation and outputs ------------------------------------------------------------------
 
     def evaluate(self, step: int) -> dict:
-        """Scalars for metrics.jsonl: held-out accuracy (synthetic task) or the paper's benchmarks (math).
-
-        Both go through ``conspo_jax.evals.evaluate`` with the task's prompt encoding and verifier, and
-        write results.json / samples.jsonl under ``<workdir>/eval/step_<step>``.
-        """
-        c, e = self.config, self.config.eval
-        opts = dict(
-            out_dir=os.path.join(self.workdir, "eval", f"step_{step}"),
-            max_new_tokens=e.max_new_tokens or c.rollout.max_new_tokens,
-            temperature=e.temperature,
-            top_p=e.top_p,
-            stop_token_ids=self.stop_ids,
-            label=f"step {step}",
-            progress=c.train.progress_bar,
-            encode=self.task.encode,
-            verify=self.task.verify,
-        )
-        if self.task.eval_records:
-            seed = c.seed + _EVAL_SEED_OFFSET
-            res = evaluate(
-                self.engine,
-                self.tokenizer,
-                {HELD_OUT: self.task.eval_records},
-                k_overrides=e.n,
-                seed=seed,
-                chunk_seed=lambda name, start: seed + start,
-                rows_per_call=max(256, len(self.task.eval_records) * e.n),
-                **opts,
-            )
-            held_out = res["benchmarks"][HELD_OUT]
-            # The boxed rate beside the accuracy tells format learning from getting answers right.
-            return {"eval/accuracy": held_out["score"] / 100.0, "eval/boxed_rate": 1.0 - held_out["no_box_frac"]}
-        names = [b for b in str(e.benchmarks).split(",") if b]
-        if not names:
-            return {}
-        res = evaluate(
-            self.engine, self.tokenizer, names, k_overrides=e.k or None, seed=c.seed, limit=e.limit or None, **opts
-        )
-        out = {f"eval/{name}": float(b["score"]) for name, b in res["benchmarks"].items()}
-        out["eval/accuracy"] = float(res["average"])
-        return out
-
-    def _write_results(self, indent=None) -> None:
-        if self.primary:
-            atomic_write(os.path.join(self.workdir, "results.json"), json.dumps(self.results, indent=indent))
+        """Held-out or benchmark scalars for metrics.jsonl, through the run's engine (conspo_jax/train/evaluation.py)."""
+        return self.evaluator.evaluate(self.engine, step)
 
     def evaluate_at_start(self) -> None:
         if self.start == 0 and self.config.eval.at_start:
             ev = self.evaluate(0)
             if ev:
-                self.results["eval/accuracy_before"] = ev["eval/accuracy"]
+                self.outputs.results["eval/accuracy_before"] = ev["eval/accuracy"]
                 self.writer.write(0, ev)
                 log.info(f"held-out accuracy before RL: {ev['eval/accuracy']:.3f}")
 
     def finish(self, last_row: dict) -> None:
-        """Results, the reward curve, the HF export and the before/after line of a completed run."""
-        if "eval/accuracy" in last_row:
-            self.results["eval/accuracy_after"] = last_row["eval/accuracy"]
-        self._write_results(indent=2)
-        if self.primary:
-            plot_reward_curve(self.workdir)
-        if self.config.train.export_hf:
-            export = os.path.join(self.workdir, "hf")
-            # Every process joins the parameter gathers; process 0 writes.
-            save_hf_policy(nnx.merge(self.graphdef, self.state.params, self.rest), export)
-            if self.primary:
-                self.tokenizer.save_pretrained(export)
-                log.info(f"exported the trained policy as a Hugging Face checkpoint: {export}")
-        if "eval/accuracy_before" in self.results and "eval/accuracy_after" in self.results:
-            b, a = self.results["eval/accuracy_before"], self.results["eval/accuracy_after"]
-            log.info(
-                f"held-out accuracy: before RL {100 * b:.1f}%  after RL {100 * a:.1f}%  ({100 * (a - b):+.1f} points)"
-            )
+        """results.json, the reward curve and the HF export of a completed run (conspo_jax/train/export.py)."""
+        policy = nnx.merge(self.graphdef, self.state.params, self.rest) if self.config.train.export_hf else None
+        self.outputs.finish(last_row, policy=policy, tokenizer=self.tokenizer)
 
     def close(self) -> None:
-        if self.producer is not None:
-            self.producer.shutdown(wait=True, cancel_futures=True)
+        self.producer.close()
         self.writer.close()
         self.ckpt.close()
         self.engine.close()
@@ -570,13 +329,11 @@ class Trainer:
         row, done = {}, self.start
         for step in range(self.start, self.total_steps):
             t0 = time.time()
-            rb, self.pending = self.pending or self.collect(step), None
-            future = None
-            if self.async_steps and step + 1 < self.total_steps:
-                future = self.producer.submit(self.collect, step + 1)  # overlaps this step's update
+            rb = self.inflight.take() or self.collect(step)
+            future = self.producer.submit(self.collect, step + 1, self.total_steps)  # overlaps this update
             row = self.update(self.make_batches(self.check_staleness(rb, step)), step)
             t_wait = time.time()
-            self.pending = future.result() if future is not None else None
+            self.inflight.put(self.producer.wait(future))
             row.update(rollout_metrics(rb, row, t0), **{"time/wait_rollouts_s": time.time() - t_wait})
             done = step + 1
             self.after_step(done, row)

@@ -26,7 +26,7 @@ import pickle
 import jax
 import numpy as np
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Facts about a compiled XLA program read from its HLO text (or StableHLO), for conspo_jax.profiling.
+"""Facts about a compiled XLA program read from its HLO text (or StableHLO): ``hlo_facts``.
 
 `hlo_facts` answers what the profiling summary asks of a program: is cuDNN fused attention used, which
 matmuls run in f32 (and whether one has a [tokens x vocab] side), how often the KV cache is copied,

@@ -21,22 +21,22 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from transformers import AutoTokenizer
 
-from conspo_jax.configs import UsageError, require
+from conspo_jax.base.configs import UsageError, require
+from conspo_jax.base.xla_cache import host_cache_dir
 from conspo_jax.data import arith
 from conspo_jax.data.math_data import load_dataset_spec
 from conspo_jax.data.prompts import encode_prompt
-from conspo_jax.models import ModelConfig, get_model_config, init_policy, load_hf_policy, make_mesh
+from conspo_jax.models import ModelConfig, abstract_policy, get_model_config, init_policy, load_hf_policy, make_mesh
 from conspo_jax.rewards import Verdict, default_pool
 from conspo_jax.rollout.engine import MockEngine, RolloutEngine, reverse_echo_script
 from conspo_jax.rollout.jax_engine import JaxEngine
-from conspo_jax.validation import validate_config
-from conspo_jax.xla_cache import host_cache_dir
+from conspo_jax.run.validation import validate_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def validate(config) -> None:
-    """Checks every value and path of the config before anything runs (``conspo_jax.validation``);
+    """Checks every value and path of the config before anything runs (``conspo_jax.run.validation``);
     raises ``UsageError`` naming the key and the value."""
     validate_config(config)
 
@@ -45,7 +45,7 @@ def enable_compilation_cache(config) -> None:
     """Persists compiled XLA programs so a resumed or repeated run skips recompilation.
 
     ``JAX_COMPILATION_CACHE_DIR`` in the environment wins over ``config.xla_cache_dir``; '' disables.
-    The config's directory gets a subdirectory per host CPU (``conspo_jax.xla_cache``), so machines
+    The config's directory gets a subdirectory per host CPU (``conspo_jax.base.xla_cache``), so machines
     that share a home directory never load each other's native code.
     """
     path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or (
@@ -79,12 +79,15 @@ def build_mesh(config):
     return make_mesh(shape)
 
 
-def build_policy(config, tokenizer, mesh, seed: int):
+def build_policy(config, tokenizer, mesh, seed: int, *, abstract: bool = False):
+    """The config's policy: loaded from ``model.path``, or randomly initialised (``model.arch`` or
+    ``model.random_init``). ``abstract``: shapes only, nothing allocated or read but the HF config
+    (``conspo profile --compile_only`` analyses a GPU-sized run on a CPU this way)."""
     m = config.model
     opts = dict(dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], mesh=mesh, remat=m.remat)
     if m.logprob_chunk:
         opts["logprob_chunk"] = m.logprob_chunk
-    if m.path and not m.random_init:
+    if m.path and not m.random_init and not abstract:
         return load_hf_policy(m.path, **opts)
     if m.path:
         model_config = ModelConfig.from_hf(m.path)
@@ -101,6 +104,8 @@ def build_policy(config, tokenizer, mesh, seed: int):
             model_config = dataclasses.replace(model_config, **overrides)
         except TypeError as e:
             raise UsageError(f"model.overrides: {e}") from None
+    if abstract:
+        return abstract_policy(model_config, **opts)
     return init_policy(model_config, seed=seed, **opts)
 
 
@@ -223,9 +228,8 @@ def _jax_engine(config, policy, tokenizer, mesh, *, version, **overrides):
 
 
 def _sidecar_client(config, policy, tokenizer, mesh, *, version, **overrides):
-    # Imported here, not at the top: the sidecar package imports this module (no cycle), and grpc
-    # stays out of runs that never talk to a sidecar.
-    from conspo_jax.sidecar.client import SidecarClient
+    # Imported here, not at the top: grpc stays out of runs that never talk to a sidecar.
+    from conspo_jax.rollout.sidecar_client import SidecarClient
 
     return SidecarClient.from_config(config, tokenizer=tokenizer, policy=policy, version=version, **overrides)
 

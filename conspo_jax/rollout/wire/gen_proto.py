@@ -1,4 +1,4 @@
-"""Generates the sidecar's Python gRPC stubs from ``rollout.proto`` (``make proto``).
+"""Generates the sidecar protocol's Python gRPC stubs from ``rollout.proto`` (``make proto``).
 
 The stubs are committed so that neither users nor the GPU machines need grpcio-tools. Two version
 gates that grpcio-tools writes into its output are relaxed afterwards: the generated code would
@@ -6,7 +6,7 @@ otherwise refuse to import under any protobuf / grpcio older than the generator'
 sidecar must run inside SGLang's environment, which pins its own (older) grpcio and protobuf. The
 code itself only uses APIs present since grpcio 1.66 and protobuf 5.26, the floors in setup.cfg.
 
-``python -m conspo_jax.sidecar.gen_proto [--out DIR]`` writes into the package (default) or DIR.
+``python -m conspo_jax.rollout.wire.gen_proto [--out DIR]`` writes into the package (default) or DIR.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import sys
 import tempfile
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(os.path.dirname(PACKAGE_DIR))  # the directory holding conspo_jax/
-PROTO_REL = os.path.join("conspo_jax", "sidecar", "rollout.proto")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(PACKAGE_DIR)))  # the directory holding conspo_jax/
+PACKAGE_REL = os.path.join("conspo_jax", "rollout", "wire")
+PROTO_REL = os.path.join(PACKAGE_REL, "rollout.proto")
 GENERATED = ("rollout_pb2.py", "rollout_pb2.pyi", "rollout_pb2_grpc.py")
 MIN_GRPC_VERSION = "1.66.0"  # keep equal to setup.cfg's grpcio floor
 
@@ -69,7 +70,7 @@ def generate(out_dir: str = PACKAGE_DIR) -> list[str]:
         os.makedirs(out_dir, exist_ok=True)
         written = []
         for name in GENERATED:
-            with open(os.path.join(tmp, "conspo_jax", "sidecar", name)) as f:
+            with open(os.path.join(tmp, PACKAGE_REL, name)) as f:
                 text = _relax_version_gates(name, f.read())
             dst = os.path.join(out_dir, name)
             with open(dst + ".tmp", "w") as f:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from conspo_jax.rollout.engine import FINISH_LENGTH, FINISH_STOP, Rollouts, SamplingParams
-from conspo_jax.sidecar import rollout_pb2 as pb
+from conspo_jax.rollout.wire import rollout_pb2 as pb
 
 _FINISH_TO_PB = {FINISH_STOP: pb.FINISH_REASON_STOP, FINISH_LENGTH: pb.FINISH_REASON_LENGTH}
 _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}

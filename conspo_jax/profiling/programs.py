@@ -1,126 +1,45 @@
-"""`conspo profile`: an XLA profiling run of exactly the programs `conspo train` runs.
-
-A ``Trainer`` is built from the config (the build layer, the train state, the jitted update of
-``Trainer._build_step_fn``, the rollout engine) without its supervised warm start: programs and shapes
-are training's, the weights random (or a run's last checkpoint when the workdir holds one). Profiled:
+"""The programs ``conspo profile`` measures, each compiled, analysed and (unless compile-only) traced:
 
 - train:   the RL update, one call = every micro-batch of one mini-batch (``Trainer.step_fn``);
 - prefill: the embedded sampler's prompt prefill of all its rows (``DecodePrograms.prefill``);
 - decode:  one decode chunk of ``rollout.decode_chunk`` steps mid-generation (``DecodePrograms.chunk``).
 
 Inputs are synthetic, with the shapes the config fixes: random token ids, full attention masks, binary
-rewards; the sampler's rows have no stop token, so every decode chunk runs all of its steps. For each
-program the workdir gets ``<name>.stablehlo.txt`` and ``<name>.hlo.txt`` (lowered and optimised),
-``trace_<name>/`` (N warm steps, each under ``StepTraceAnnotation(name)`` and blocked: an XPlane for
-TensorBoard / XProf under ``plugins/profile/``, ``perfetto_trace.json.gz`` for ui.perfetto.dev, and a
-device memory profile ``memory.prof``), and ``summary.json`` holds the compile reports (XLA cost and
-memory analyses, compile seconds), the HLO facts and the summary rows (``conspo_jax.profiling``).
+rewards; the sampler's rows have no stop token, so every decode chunk runs all of its steps. A
+compile-only run passes ``jax.ShapeDtypeStruct``s instead, so nothing is allocated.
 
 Counts in the HLO are one device's (the program is SPMD-partitioned over the mesh); the summary rows
-multiply FLOPs and the MFU peak by the devices. Model FLOPs per token: train 6 x (non-embedding params + LM head) + attention (``model_flops_per_token``);
-prefill and decode are forward only, a third of that at their attended key counts (prefill runs the LM
-head for the last prompt token only). Executed FLOPs are the matmul FLOPs of the optimised HLO; the
-decode chunk's loop stops on a data-dependent condition, so its body (one decode step) is counted once
-by ``hlo_facts`` and multiplied here by the chunk's steps. "KV copies" of the decode row are per step,
-memory figures per device.
+multiply FLOPs and the MFU peak by the devices. Model FLOPs per token: train 6 x (non-embedding params +
+LM head) + attention (``model_flops_per_token``); prefill and decode are forward only, a third of that at
+their attended key counts (prefill runs the LM head for the last prompt token only). Executed FLOPs are
+the matmul FLOPs of the optimised HLO; the decode chunk's loop stops on a data-dependent condition, so its
+body (one decode step) is counted once by ``hlo_facts`` and multiplied here by the chunk's steps. "KV
+copies" of the decode row are per step, memory figures per device.
 """
 
 from __future__ import annotations
 
-import datetime
+import functools
 import logging
 import os
-import platform
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conspo_jax import logs
 from conspo_jax import profiling as P
-from conspo_jax.configs import UsageError
-from conspo_jax.models import init_kv_cache
-from conspo_jax.rollout.decode import empty_rows, window_for
-from conspo_jax.rollout.jax_engine import _MAX_STOP_IDS, JaxEngine
+from conspo_jax.models import init_kv_cache, kv_cache_sharding
+from conspo_jax.rollout.decode import empty_rows, prepare_sampling_state, window_for
+from conspo_jax.rollout.jax_engine import _MAX_STOP_IDS
 from conspo_jax.train.step import micro_batch_shardings
-from conspo_jax.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-WHAT = ("train", "sample", "both")
 
-
-def profile(config, workdir: str, *, steps: int = 3, what: str = "both", peak_tflops: float | None = None) -> dict:
-    """Profiles the train step and / or the sampler's programs of ``config``; writes into ``workdir``
-    and returns the summary (also ``workdir/summary.json``); its "table" is the text table."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"--steps must be an integer >= 1, got {steps!r}")
-    if what not in WHAT:
-        raise UsageError(f"--what must be one of {', '.join(WHAT)}, got {what!r}")
-    if peak_tflops is not None and not peak_tflops > 0:
-        raise UsageError(f"--peak_tflops must be > 0, got {peak_tflops!r}")
-    logs.console_unless_configured()
-    config = config.copy_and_resolve_references()
-    # A persistent-cache hit would report a near-zero compile time.
-    config.xla_cache_dir = ""
-    trainer = Trainer(config, workdir, warm_start=False)
-    try:
-        return _profile(trainer, steps=steps, what=what, peak_tflops=peak_tflops)
-    finally:
-        trainer.close()
-
-
-def _profile(trainer: Trainer, *, steps: int, what: str, peak_tflops: float | None) -> dict:
-    c, workdir = trainer.config, trainer.workdir
-    device = jax.devices()[0]
-    model_config = nnx.merge(trainer.graphdef, trainer.state.params, trainer.rest).config
-    if peak_tflops:
-        peak, peak_how = float(peak_tflops) * 1e12, "given (--peak_tflops)"
-    else:
-        on_gpu = jax.default_backend() == "gpu"
-        dtype, n = (jnp.bfloat16, 8192) if on_gpu else (jnp.dtype(c.model.dtype), 1024)
-        peak = P.measure_matmul_peak(dtype, n)
-        peak_how = f"measured {jnp.dtype(dtype).name} {n}^3 matmul, this run"
-    rows, programs, notes = [], {}, []
-    cache_dir = jax.config.jax_compilation_cache_dir or None
-    if cache_dir:
-        notes.append(f"compile s may be persistent-cache hits: the compilation cache {cache_dir} is on")
-    head = dict(
-        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        machine=f"{platform.node()}, {os.cpu_count()} CPUs, {device.device_kind} ({jax.default_backend()})",
-        jax=jax.__version__,
-        what=what,
-        steps=steps,
-        model=dict(
-            arch=c.model.arch or c.model.path,
-            params=model_config.num_params(),
-            non_embedding_params=model_config.num_params(embeddings=False),
-            vocab_size=model_config.vocab_size,
-            remat=c.model.remat,
-            dtype=c.model.dtype,
-        ),
-        compilation_cache=cache_dir,
-        peak_flops=peak,
-        peak_flops_how=peak_how,
-    )
-
-    def save() -> dict:  # after each program, so a run cut by a time limit keeps what it finished
-        table = P.summary_table(rows) + "".join(f"\n{n}" for n in notes)
-        summary = dict(head, notes=notes, rows=rows, programs=programs, table=table)
-        P.save_json(summary, os.path.join(workdir, "summary.json"))
-        return summary
-
-    if what in ("train", "both"):
-        rows.append(_train(trainer, model_config, steps, peak, peak_how, programs))
-        save()
-    if what in ("sample", "both"):
-        if isinstance(trainer.engine, JaxEngine):
-            _sample(trainer, steps, peak, peak_how, programs, rows, on_row=save)
-        else:
-            notes.append(f"sampler not profiled: rollout.backend={c.rollout.backend!r} runs outside this process")
-            log.info(notes[-1])
-    return save()
+def _like(struct, placed):
+    """``struct``'s shape and dtype in ``placed``'s sharding (abstract values lose theirs in eval_shape)."""
+    return jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=getattr(placed, "sharding", None))
 
 
 def _record(programs, name, report, facts, program_facts, seconds, trace_dir, **extra) -> None:
@@ -151,7 +70,7 @@ def _row(name, report, facts, program_facts, *, tokens, model_fpt, seconds, peak
         step_seconds=seconds,
         facts=facts,
         program_facts=program_facts,
-        peak_flops=peak * n,
+        peak_flops=peak * n if peak else None,
         peak_flops_how=peak_how + (f" x {n} devices" if n > 1 else ""),
         **kw,
     )
@@ -183,30 +102,44 @@ def synthetic_batch(example, *, vocab: int, seed: int = 0):
     )
 
 
-def _train(trainer: Trainer, model_config, steps, peak, peak_how, programs) -> dict:
+def profile_train(trainer, model_config, steps, peak, peak_how, programs, *, compile_only: bool = False) -> dict:
+    """The RL update of one mini-batch: compiled, analysed and (unless ``compile_only``) traced; its row."""
     workdir, vocab = trainer.workdir, model_config.vocab_size
-    example = trainer._example_batch()
-    batch = synthetic_batch(example, vocab=vocab, seed=trainer.config.seed)
-    batch = jax.device_put(batch, micro_batch_shardings(batch, trainer.mesh))
+    example = trainer.example
+    shardings = micro_batch_shardings(example, trainer.mesh)
+    if compile_only:
+        batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), example, shardings)
+    else:
+        batch = jax.device_put(synthetic_batch(example, vocab=vocab, seed=trainer.config.seed), shardings)
     progress = jnp.float32(0.5)
     rest, ref = trainer.rest, trainer.ref_params
     report = P.compile_report(
-        trainer.step_fn, trainer.state, batch, progress, rest, ref, name="train", out_dir=workdir, keep_compiled=True
+        trainer.step_fn,
+        trainer.state,
+        batch,
+        progress,
+        rest,
+        ref,
+        name="train",
+        out_dir=workdir,
+        keep_compiled=not compile_only,
     )
-    compiled = report.pop("compiled")
     facts, program_facts = _facts(report, vocab)
     log.info(f"train step compiled in {report['compile_s']:.1f} s")
-
-    def step(batch, progress):  # the state is donated: thread it through the calls
-        trainer.state, metrics = compiled(trainer.state, batch, progress, rest, ref)
-        return trainer.state, metrics
-
     trace_dir = os.path.join(workdir, "trace_train")
-    seconds = P.trace_steps(step, steps, trace_dir, make_args=lambda i: (batch, progress), annotation="train")
-    # The device's peak is per process, and the train step (run first) is the largest program.
-    measured = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-    # The engine shared the donated parameters: give it the current ones, as after_step does.
-    trainer.engine.sync(nnx.merge_state(trainer.state.params, trainer.rest), trainer.start)
+    seconds = measured = None
+    if not compile_only:
+        compiled = report.pop("compiled")
+
+        def step(batch, progress):  # the state is donated: thread it through the calls
+            trainer.state, metrics = compiled(trainer.state, batch, progress, rest, ref)
+            return trainer.state, metrics
+
+        seconds = P.trace_steps(step, steps, trace_dir, make_args=lambda i: (batch, progress), annotation="train")
+        # The device's peak is per process, and the train step (run first) is the largest program.
+        measured = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+        # The engine shared the donated parameters: give it the current ones, as after_step does.
+        trainer.engine.sync(nnx.merge_state(trainer.state.params, trainer.rest), trainer.start)
     m, r, width = example.input_ids.shape
     tokens = m * r * width
     name = f"train {m * r}x{width} remat={trainer.config.model.remat}" + (f" M={m}" if m > 1 else "")
@@ -238,19 +171,29 @@ def _train(trainer: Trainer, model_config, steps, peak, peak_how, programs) -> d
     )
 
 
-def _sample(trainer: Trainer, steps, peak, peak_how, programs, rows_out: list, on_row) -> None:
+def profile_sampler(trainer, steps, peak, peak_how, programs, rows_out: list, on_row, *, compile_only=False) -> None:
     """The engine's prefill and decode-chunk programs, called as ``run_decode`` calls them; their summary
-    rows are appended to rows_out as they finish, on_row() called after each."""
+    rows are appended to rows_out as they finish, on_row() called after each. ``compile_only``: compiled
+    and analysed over abstract weights and cache, never run."""
     c, engine, workdir = trainer.config, trainer.engine, trainer.workdir
     r = c.rollout
-    state, mc = engine._sampling_state()
+    if compile_only:  # the engine holds abstract weights: cast them as _sampling_state would, in shapes only
+        policy = nnx.merge(engine.graphdef, engine.state)
+        cast = jax.eval_shape(lambda s: prepare_sampling_state(s, policy.dtype), engine.state)
+        state, mc = jax.tree.map(_like, cast, engine.state), policy.config
+    else:
+        state, mc = engine._sampling_state()
     progs = engine._fn(r.max_new_tokens)
     max_new, chunk = r.max_new_tokens, engine.decode_chunk
     pairs = r.prompts_per_step * r.n
     rows = min(pairs, engine.decode_rows or pairs)
     plen = -(-trainer.width // engine.bucket) * engine.bucket
     rng = np.random.default_rng(c.seed)
-    cache = init_kv_cache(mc, rows, plen + max_new, dtype=engine.cache_dtype, mesh=engine.mesh)
+    make_cache = functools.partial(init_kv_cache, mc, rows, plen + max_new, dtype=engine.cache_dtype, mesh=engine.mesh)
+    cache = jax.eval_shape(make_cache) if compile_only else make_cache()
+    if compile_only and engine.mesh is not None:  # in the sharding init_kv_cache creates it in
+        shard = kv_cache_sharding(mc, rows, plen + max_new, engine.mesh)
+        cache = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), cache, shard)
     kv_shapes = [tuple(x.shape) for x in jax.tree.leaves(cache)]
     live = {"cache": cache, "rows": jax.tree.map(engine._place, empty_rows(rows, plen))}
     idx_N = jnp.arange(rows, dtype=jnp.int32)
@@ -271,17 +214,18 @@ def _sample(trainer: Trainer, steps, peak, peak_how, programs, rows_out: list, o
         *pre_args,
         name="prefill",
         out_dir=workdir,
-        keep_compiled=True,
+        keep_compiled=not compile_only,
     )
-    prefill = report.pop("compiled")
     facts, program_facts = _facts(report, mc.vocab_size, kv_shapes)
+    trace_dir, seconds = os.path.join(workdir, "trace_prefill"), None
+    if not compile_only:
+        prefill = report.pop("compiled")
 
-    def prefill_step(*args):  # the cache and row state are donated: thread them
-        live["cache"], live["rows"], tok, logp = prefill(state, live["cache"], live["rows"], *args)
-        return tok, logp, live["cache"]
+        def prefill_step(*args):  # the cache and row state are donated: thread them
+            live["cache"], live["rows"], tok, logp = prefill(state, live["cache"], live["rows"], *args)
+            return tok, logp, live["cache"]
 
-    trace_dir = os.path.join(workdir, "trace_prefill")
-    seconds = P.trace_steps(prefill_step, steps, trace_dir, make_args=lambda i: pre_args, annotation="prefill")
+        seconds = P.trace_steps(prefill_step, steps, trace_dir, make_args=lambda i: pre_args, annotation="prefill")
     _record(programs, "prefill", report, facts, program_facts, seconds, trace_dir, rows=rows, prompt_len=plen)
     rows_out.append(
         _row(
@@ -302,7 +246,8 @@ def _sample(trainer: Trainer, steps, peak, peak_how, programs, rows_out: list, o
     # ---- decode: one chunk from the middle of generation, every row live
     count0 = max(1, min(max_new // 2, max_new - chunk))
     run_steps = min(chunk, max_new - count0)  # the chunk stops early once every row hit max_new
-    host = jax.device_get(live["rows"])
+    # The rows after a prefill (only their shapes matter to a compile-only run, which ran none).
+    host = empty_rows(rows, plen) if compile_only else jax.device_get(live["rows"])
     mid = host.replace(count_B=np.full((rows,), count0, np.int32), pos_B=host.pos_B + count0 - 1)
     window = window_for(plen, count0, chunk, max_new)
     report = P.compile_report(
@@ -317,19 +262,20 @@ def _sample(trainer: Trainer, steps, peak, peak_how, programs, rows_out: list, o
         window=window,
         name="decode",
         out_dir=workdir,
-        keep_compiled=True,
+        keep_compiled=not compile_only,
     )
-    decode = report.pop("compiled")
     facts, program_facts = _facts(report, mc.vocab_size, kv_shapes)
+    trace_dir, seconds = os.path.join(workdir, "trace_decode"), None
+    if not compile_only:
+        decode = report.pop("compiled")
 
-    def decode_step(rows_state):
-        live["cache"], _, ids, logp = decode(state, live["cache"], rows_state, key, samp, stop_ids)
-        return ids, logp, live["cache"]
+        def decode_step(rows_state):
+            live["cache"], _, ids, logp = decode(state, live["cache"], rows_state, key, samp, stop_ids)
+            return ids, logp, live["cache"]
 
-    trace_dir = os.path.join(workdir, "trace_decode")
-    seconds = P.trace_steps(
-        decode_step, steps, trace_dir, make_args=lambda i: (jax.tree.map(engine._place, mid),), annotation="decode"
-    )
+        seconds = P.trace_steps(
+            decode_step, steps, trace_dir, make_args=lambda i: (jax.tree.map(engine._place, mid),), annotation="decode"
+        )
     _record(
         programs,
         "decode",

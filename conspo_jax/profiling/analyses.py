@@ -1,14 +1,9 @@
-"""XLA profiling for conspo-jax programs: compile-time analyses, HLO facts, annotated traces, a summary.
-
-What a profiling run needs, independent of what is profiled (train step, sampler prefill or decode):
+"""The analyses of a profiling run, independent of what is profiled (train step, sampler prefill or decode).
 
 - `compile_report(jitted, *args, name=, out_dir=)`: lowers and compiles (args may be
   `jax.ShapeDtypeStruct`, so a GPU-sized program can be analysed on a CPU without running it),
   records compile seconds, XLA's cost and memory analyses, and writes `<name>.stablehlo.txt` and
   `<name>.hlo.txt` (optimised HLO).
-- `hlo_facts(hlo_text, vocab_size=, kv_cache_shapes=)` (from conspo_jax.hlo_facts): what the optimised
-  program does that matters for speed: the cuDNN fused-attention call, f32 matmuls (and any with a
-  vocabulary-sized side), copies of the KV cache, and matmul FLOPs counted through loop trip counts.
 - `trace_steps(step_fn, n, out_dir, make_args=)`: n warm steps under `jax.profiler.trace`, each step
   annotated and blocked; writes an XPlane trace (TensorBoard profile plugin / XProf), a Perfetto trace
   and a device memory profile. `trace_files(out_dir)` finds them.
@@ -16,8 +11,8 @@ What a profiling run needs, independent of what is profiled (train step, sampler
 
 XLA's own `cost_analysis()` counts the body of a while loop once (seen with jax 0.10 on CPU), so a model
 whose layers run under `lax.scan` reports about one layer's FLOPs. The summary's executed FLOPs are
-therefore the matmul FLOPs that `hlo_facts` counts from the optimised HLO, each loop body multiplied
-by its known trip count; XLA's figure is kept beside it.
+therefore the matmul FLOPs that `hlo_facts` (conspo_jax/profiling/hlo.py) counts from the optimised HLO,
+each loop body multiplied by its known trip count; XLA's figure is kept beside it.
 """
 
 from __future__ import annotations
@@ -33,21 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from conspo_jax.hlo_facts import hlo_facts
-
-__all__ = [
-    "compile_report",
-    "hlo_facts",
-    "measure_matmul_peak",
-    "model_flops_per_token",
-    "read_perfetto_events",
-    "save_json",
-    "summary_row",
-    "summary_table",
-    "trace_files",
-    "trace_steps",
-]
 
 
 # ------------------------------------------------------------------------------- compile analyses

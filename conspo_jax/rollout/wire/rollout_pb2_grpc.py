@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from conspo_jax.sidecar import rollout_pb2 as conspo__jax_dot_sidecar_dot_rollout__pb2
+from conspo_jax.rollout.wire import rollout_pb2 as conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2
 
 GRPC_GENERATED_VERSION = '1.66.0'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in conspo_jax/sidecar/rollout_pb2_grpc.py depends on'
+        + ' but the generated code in conspo_jax/rollout/wire/rollout_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class RolloutServiceStub:
         """
         self.StreamRollouts = channel.unary_stream(
                 '/conspo.sidecar.v1.RolloutService/StreamRollouts',
-                request_serializer=conspo__jax_dot_sidecar_dot_rollout__pb2.StreamRolloutsRequest.SerializeToString,
-                response_deserializer=conspo__jax_dot_sidecar_dot_rollout__pb2.Group.FromString,
+                request_serializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.StreamRolloutsRequest.SerializeToString,
+                response_deserializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.Group.FromString,
                 _registered_method=True)
         self.PushWeights = channel.unary_unary(
                 '/conspo.sidecar.v1.RolloutService/PushWeights',
-                request_serializer=conspo__jax_dot_sidecar_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
-                response_deserializer=conspo__jax_dot_sidecar_dot_rollout__pb2.PushWeightsReply.FromString,
+                request_serializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
+                response_deserializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.PushWeightsReply.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/conspo.sidecar.v1.RolloutService/Health',
-                request_serializer=conspo__jax_dot_sidecar_dot_rollout__pb2.HealthRequest.SerializeToString,
-                response_deserializer=conspo__jax_dot_sidecar_dot_rollout__pb2.HealthReply.FromString,
+                request_serializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.HealthRequest.SerializeToString,
+                response_deserializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.HealthReply.FromString,
                 _registered_method=True)
 
 
@@ -80,18 +80,18 @@ def add_RolloutServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'StreamRollouts': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamRollouts,
-                    request_deserializer=conspo__jax_dot_sidecar_dot_rollout__pb2.StreamRolloutsRequest.FromString,
-                    response_serializer=conspo__jax_dot_sidecar_dot_rollout__pb2.Group.SerializeToString,
+                    request_deserializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.StreamRolloutsRequest.FromString,
+                    response_serializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.Group.SerializeToString,
             ),
             'PushWeights': grpc.unary_unary_rpc_method_handler(
                     servicer.PushWeights,
-                    request_deserializer=conspo__jax_dot_sidecar_dot_rollout__pb2.PushWeightsRequest.FromString,
-                    response_serializer=conspo__jax_dot_sidecar_dot_rollout__pb2.PushWeightsReply.SerializeToString,
+                    request_deserializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.PushWeightsRequest.FromString,
+                    response_serializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.PushWeightsReply.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=conspo__jax_dot_sidecar_dot_rollout__pb2.HealthRequest.FromString,
-                    response_serializer=conspo__jax_dot_sidecar_dot_rollout__pb2.HealthReply.SerializeToString,
+                    request_deserializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.HealthRequest.FromString,
+                    response_serializer=conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.HealthReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -119,8 +119,8 @@ class RolloutService:
             request,
             target,
             '/conspo.sidecar.v1.RolloutService/StreamRollouts',
-            conspo__jax_dot_sidecar_dot_rollout__pb2.StreamRolloutsRequest.SerializeToString,
-            conspo__jax_dot_sidecar_dot_rollout__pb2.Group.FromString,
+            conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.StreamRolloutsRequest.SerializeToString,
+            conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.Group.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class RolloutService:
             request,
             target,
             '/conspo.sidecar.v1.RolloutService/PushWeights',
-            conspo__jax_dot_sidecar_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
-            conspo__jax_dot_sidecar_dot_rollout__pb2.PushWeightsReply.FromString,
+            conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.PushWeightsRequest.SerializeToString,
+            conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.PushWeightsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class RolloutService:
             request,
             target,
             '/conspo.sidecar.v1.RolloutService/Health',
-            conspo__jax_dot_sidecar_dot_rollout__pb2.HealthRequest.SerializeToString,
-            conspo__jax_dot_sidecar_dot_rollout__pb2.HealthReply.FromString,
+            conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.HealthRequest.SerializeToString,
+            conspo__jax_dot_rollout_dot_wire_dot_rollout__pb2.HealthReply.FromString,
             options,
             channel_credentials,
             insecure,

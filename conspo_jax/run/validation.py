@@ -1,7 +1,7 @@
 """Up-front validation of a run's config: every value's type and range, and every path it names.
 
 ``validate_config(config)`` runs before anything is built or written and raises
-``conspo_jax.configs.UsageError`` (exit code 2 in the CLI) naming the key and the value, e.g.
+``conspo_jax.base.configs.UsageError`` (exit code 2 in the CLI) naming the key and the value, e.g.
 ``rollout.top_p must be in (0, 1], got 1.5``. Without it these values failed late (``top_p`` at the
 first rollout, after the warm start), with a traceback (``train.ckpt_every=0``: ZeroDivisionError), or
 not at all (``optim.lr=-1``, ``rollout.n=1``: every group invalid, the gradient always zero).
@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 from conspo_jax.rewards.extract import ANSWER_FORMATS
 
 _MISSING = object()
@@ -242,7 +242,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "eval.benchmarks": string,
     "eval.limit": integer(0),
     "eval.num_problems": integer(0),
-    # multi-process start-up (conspo_jax/distributed.py): 0 / -1 / '' leave the value to the environment
+    # multi-process start-up (conspo_jax/base/distributed.py): 0 / -1 / '' leave the value to the environment
     "distributed.enabled": boolean,
     "distributed.coordinator": string,
     "distributed.num_processes": integer(0),

@@ -26,11 +26,10 @@ import grpc
 from flax import nnx
 
 from conspo_jax.rollout.engine import RolloutEngine, Rollouts, SamplingParams
-from conspo_jax.sidecar import codec
-from conspo_jax.sidecar import rollout_pb2 as pb
-from conspo_jax.sidecar import rollout_pb2_grpc as pb_grpc
-from conspo_jax.sidecar.server import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV
-from conspo_jax.sidecar.weights import WeightStore
+from conspo_jax.rollout.wire import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV, codec
+from conspo_jax.rollout.wire import rollout_pb2 as pb
+from conspo_jax.rollout.wire import rollout_pb2_grpc as pb_grpc
+from conspo_jax.rollout.wire.weights import WeightStore
 
 log = logging.getLogger(__name__)
 
