@@ -51,7 +51,7 @@ def prompt_ids(tokenizer, count: int, mix: str, seed: int = 0) -> list[list[int]
     """`count` chat-template prompts: GSM8K test problems, or (mix='tail') every other one a short sum."""
     import numpy as np
 
-    from conspo_jax.data.math_data import read_rows
+    from conspo_jax.data.files import read_rows
     from conspo_jax.data.prompts import encode_prompt
 
     rows = read_rows(os.path.join(GSM8K, "test.jsonl"))

@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conspo_jax.configs import UsageError
+from conspo_jax.base.configs import UsageError
 from conspo_jax.models import (
     LoRAConfig,
     LoRAParam,
@@ -357,8 +357,8 @@ def test_lora_config_forms():
 
 
 def test_run_config_lora_section_is_validated():
+    from conspo_jax.run.validation import _check_lora
     from conspo_jax.train.config_base import base_config
-    from conspo_jax.validation import _check_lora
 
     c = base_config()
     assert (c.model.lora.rank, c.model.lora.alpha) == (0, 16.0)
