@@ -286,12 +286,21 @@ def spawn(args, kind: str, shape: str) -> dict:
         "--attn-impl",
         args.attn_impl,
     ] + (["--dtype", args.dtype] if args.dtype else [])
+    out = run_worker(cmd)
+    if "error" in out and "framework" not in out:  # the process died before reporting: name the side
+        out = {"framework": kind, **out}
+    return out
+
+
+def run_worker(cmd: list[str]) -> dict:
+    """Runs a worker process and returns the JSON of its `RESULT ` line, or {"error": ...} with its exit
+    status and last line of output (a crash or an OOM kill becomes a row in the table)."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return dict(framework=kind, error=f"exit {proc.returncode}: {tail[0][:160]}")
+    return dict(error=f"exit {proc.returncode}: {tail[0][:160]}")
 
 
 def versions() -> str:

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from logprob_step import run_worker  # noqa: E402
 
 GSM8K = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gsm8k")
 
@@ -123,18 +124,16 @@ def spawn(args, side: str, prompts: list[list[int]]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--path", args.path, "--prompts-file", f.name]
     cmd += ["--n", str(args.n), "--new", str(args.new), "--seed", str(args.seed), "--threads", str(args.threads)]
     cmd += ["--dtype", args.dtype]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    os.unlink(f.name)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return dict(error=f"exit {proc.returncode}: {tail[0][:160]}")
+    try:
+        return run_worker(cmd)
+    finally:
+        os.unlink(f.name)
 
 
+@functools.cache
 def random_checkpoint(arch: str, dtype: str, tail_hazard: float | None) -> str:
     """Random weights of a named architecture as an HF directory (where no checkpoint travels, e.g. the
-    GPU machine). With tail_hazard, EOS gets that probability at every step (bench/sampler.py's bias),
+    GPU machine), written once per setting. With tail_hazard, EOS gets that probability at every step (bench/sampler.py's bias),
     so lengths are geometric: the long-tailed mix."""
     import tempfile
 
@@ -200,11 +199,10 @@ def rollout_limit_seconds(config, prompt_lens, lens, n, limits, itemsize=4) -> f
     params = config.num_params(embeddings=True)
     lens = np.asarray(lens, np.float64)
     ctx = np.repeat(np.asarray(prompt_lens, np.float64), n)[: lens.size]
-    d_kv = config.num_kv_heads * config.head_dim
-    tokens = lens.sum()
-    attn_flops = 4 * config.num_layers * config.num_heads * config.head_dim * (ctx * lens + lens**2 / 2).sum()
-    flops = 2 * params * tokens + attn_flops
-    kv_bytes = 2 * config.num_layers * d_kv * itemsize * (ctx * lens + lens**2 / 2).sum()
+    attended = (ctx * lens + lens**2 / 2).sum()  # (token, earlier slot) pairs over all completions
+    attn_flops = 4 * config.num_layers * config.num_heads * config.head_dim * attended
+    flops = 2 * params * lens.sum() + attn_flops
+    kv_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize * attended
     weight_bytes = itemsize * params * lens.max()
     return max(flops / limits["jax_flops"], (kv_bytes + weight_bytes) / limits["copy_bytes_per_s"])
 
@@ -244,7 +242,9 @@ def rollout_row(args, config, limits, prompts, name) -> str:
     if "error" in ours or "error" in hf:
         return f"| {name} | {ours.get('error', '')} | {hf.get('error', '')} | - | - | - |"
     o_rate, h_rate = ours["tokens"] / ours["secs"], hf["tokens"] / hf["secs"]
-    itemsize = 2 if args.dtype in ("bfloat16", "float16") else 4
+    import jax.numpy as jnp
+
+    itemsize = jnp.dtype(args.dtype).itemsize
     limit_s = rollout_limit_seconds(config, ours["prompt_lens"], ours["lens"], args.n, limits, itemsize)
     return (
         f"| {name} | {o_rate:.0f} tok/s ({ours['secs']:.0f} s, compile {ours['compile']:.0f} s, mean len "
