@@ -368,10 +368,8 @@ def test_run_config_lora_section_is_validated():
     c.model.lora.rank, c.model.lora.targets = 0, "q,x"
     with pytest.raises(UsageError, match="model.lora.targets has unknown target 'x'"):
         _check_lora(c.model.lora)
-    # Until the trainer trains adapters only, a rank would be ignored: refused instead.
     c.model.lora.rank, c.model.lora.targets = 8, "q,v"
-    with pytest.raises(UsageError, match="model.lora.rank=8: the trainer does not train LoRA adapters yet"):
-        _check_lora(c.model.lora)
+    assert _check_lora(c.model.lora) == LoRAConfig(rank=8, targets=("q", "v"))
 
 
 # ------------------------------------------------------------------------------------------ accounting

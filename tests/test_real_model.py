@@ -76,5 +76,5 @@ def test_rl_steps_through_the_sidecar_match_the_embedded_engine(smollm2, tmp_pat
         c.mesh.data, c.mesh.fsdp = 1, -1
         return c
 
-    rows = assert_sidecar_training_matches_embedded(config, tmp_path)
+    rows, _ = assert_sidecar_training_matches_embedded(config, tmp_path)
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in rows)

@@ -153,6 +153,15 @@ def test_weights_update_from_disk_then_flush_cache():
     assert bad.calls[-1] == ("shutdown",)
 
 
+def test_a_lora_adapter_push_is_refused_by_name(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    fake = StandInSGLangEngine()
+    engine = SGLangEngine(engine=fake)
+    with pytest.raises(ValueError, match="a PEFT adapter .* serve LoRA runs with --engine jax"):
+        engine.sync(str(tmp_path), 1)
+    assert fake.calls == [] and engine.version == 0
+
+
 def test_served_through_the_sidecar(tmp_path):
     """The SGLang wrapper behind the real gRPC server, PushWeights included."""
     from conspo_jax.rollout.sidecar_client import SidecarClient

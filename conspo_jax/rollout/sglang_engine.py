@@ -136,6 +136,12 @@ class SGLangEngine(RolloutEngine):
         """``update_weights_from_disk(path)`` then ``flush_cache()`` (the prefix cache holds old-weight KV)."""
         if not isinstance(weights, (str, os.PathLike)):
             raise TypeError("SGLangEngine.sync loads weights from disk: pass the path of an HF safetensors directory")
+        if os.path.isfile(os.path.join(weights, "adapter_config.json")):
+            # A LoRA run pushes its PEFT adapter only; update_weights_from_disk would need full weights.
+            raise ValueError(
+                f"SGLangEngine.sync({os.fspath(weights)!r}): a PEFT adapter (model.lora.rank > 0); the sglang "
+                "sidecar engine loads full checkpoints only: serve LoRA runs with --engine jax"
+            )
         ok, message = _unpack_update_result(self.engine.update_weights_from_disk(os.fspath(weights)))
         if not ok:
             raise RuntimeError(f"sglang update_weights_from_disk({weights!r}) failed: {message}")

@@ -103,6 +103,7 @@ class SidecarClient(RolloutEngine):
         self._stub = pb_grpc.RolloutServiceStub(self._channel)
         self.version = 0  # last weight version the sidecar acknowledged
         self._last_push: tuple[str, int] | None = None
+        self.last_sync_bytes = 0  # the files of the last exported version
         self._calls = itertools.count()
         self.stats = collections.Counter()
         self.requested: list[list[str]] = []  # prompt ids asked for by each attempt of the last generate
@@ -181,10 +182,13 @@ class SidecarClient(RolloutEngine):
         return float(reply.load_seconds)
 
     def push_policy(self, policy, version: int) -> None:
-        """Exports ``policy`` as HF safetensors, pushes it, then deletes older exported versions."""
+        """Exports ``policy`` as HF safetensors (a LoRA policy: its PEFT adapter only), pushes it, then
+        deletes older exported versions. ``stats['sync_bytes']`` counts the bytes exported."""
         if self.weights is None:
             raise ValueError("SidecarClient needs weights= (a WeightStore or the shared weights dir) to push a policy")
         path = self.weights.export(policy, version)
+        self.last_sync_bytes = self.weights.nbytes(path)
+        self.stats["sync_bytes"] += self.last_sync_bytes
         self.push_weights(path, version)
         self.weights.cleanup(keep_from=version)
 

@@ -27,6 +27,7 @@ from conspo_jax.data import arith
 from conspo_jax.data.math_data import load_dataset_spec
 from conspo_jax.data.prompts import encode_prompt
 from conspo_jax.models import ModelConfig, abstract_policy, get_model_config, init_policy, load_hf_policy, make_mesh
+from conspo_jax.models.lora import LoRAConfig, attach_lora, trainable_filter
 from conspo_jax.rewards import Verdict, default_pool
 from conspo_jax.rollout.engine import MockEngine, RolloutEngine, reverse_echo_script
 from conspo_jax.rollout.jax_engine import JaxEngine
@@ -88,7 +89,7 @@ def build_policy(config, tokenizer, mesh, seed: int, *, abstract: bool = False):
     if m.logprob_chunk:
         opts["logprob_chunk"] = m.logprob_chunk
     if m.path and not m.random_init and not abstract:
-        return load_hf_policy(m.path, **opts)
+        return _with_lora(config, load_hf_policy(m.path, **opts), seed)
     if m.path:
         model_config = ModelConfig.from_hf(m.path)
     else:
@@ -105,8 +106,15 @@ def build_policy(config, tokenizer, mesh, seed: int, *, abstract: bool = False):
         except TypeError as e:
             raise UsageError(f"model.overrides: {e}") from None
     if abstract:
-        return abstract_policy(model_config, **opts)
-    return init_policy(model_config, seed=seed, **opts)
+        return _with_lora(config, abstract_policy(model_config, **opts), seed)
+    return _with_lora(config, init_policy(model_config, seed=seed, **opts), seed)
+
+
+def _with_lora(config, policy, seed: int):
+    """The policy with ``model.lora``'s adapters attached (rank 0: as it is). Training then differentiates
+    only the adapters (``lora.trainable_filter``); engines sample from merged weights."""
+    lora = LoRAConfig.from_config(config.model.get("lora", {"rank": 0}))
+    return attach_lora(policy, lora, seed=seed) if lora.enabled else policy
 
 
 @dataclasses.dataclass
@@ -278,7 +286,8 @@ def load_policy_from_checkpoint(config, checkpoint: str, *, tokenizer, mesh):
     if not os.path.isdir(directory):
         raise UsageError(f"--checkpoint: no such directory {checkpoint!r}")
     policy = build_policy(config, tokenizer, mesh, seed=config.seed)
-    graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+    # A LoRA run checkpoints its adapters only; the base comes from model.path.
+    graphdef, params, rest = nnx.split(policy, trainable_filter(policy), ...)
     with ocp.CheckpointManager(directory, item_names=("state",)) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:

@@ -272,16 +272,14 @@ def validate_config(config, *, check_paths: bool = True) -> None:
 
 
 def _check_lora(section) -> None:
-    """model.lora: LoRAConfig's own rules (rank >= 0, alpha > 0, known targets)."""
+    """model.lora: LoRAConfig's own rules (rank >= 0, alpha > 0, known targets); returns the LoRAConfig."""
     from conspo_jax.models.lora import LoRAConfig
 
     try:
         lora = LoRAConfig.from_config(section)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
-    # Until the trainer splits adapters from the frozen base (issue 24), a rank would be silently ignored.
-    if lora.enabled:
-        raise UsageError(f"model.lora.rank={lora.rank}: the trainer does not train LoRA adapters yet; use 0")
+    return lora
 
 
 def _check_objectives(config) -> None:

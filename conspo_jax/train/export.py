@@ -13,6 +13,8 @@ import logging
 import os
 
 from conspo_jax.models import save_hf_policy
+from conspo_jax.models.lora import has_lora
+from conspo_jax.models.peft_io import save_peft_adapter
 from conspo_jax.train.metrics import atomic_write, plot_reward_curve, read_metrics
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,10 @@ class RunOutputs:
         if self.primary:
             atomic_write(os.path.join(self.workdir, "results.json"), json.dumps(self.results, indent=indent))
 
-    def finish(self, last_row: dict, *, policy=None, tokenizer=None) -> None:
+    def finish(self, last_row: dict, *, policy=None, tokenizer=None, base_model: str | None = None) -> None:
         """Results, the reward curve, the HF export (of ``policy``, when given) and the before/after line
-        of a completed run."""
+        of a completed run. A LoRA policy is exported merged into ``hf/`` and as a PEFT adapter into
+        ``adapter/`` (``base_model``: its adapter_config.json's base_model_name_or_path)."""
         if "eval/accuracy" in last_row:
             self.results["eval/accuracy_after"] = last_row["eval/accuracy"]
         self.write_results(indent=2)
@@ -59,6 +62,12 @@ class RunOutputs:
             if self.primary:
                 tokenizer.save_pretrained(export)
                 log.info(f"exported the trained policy as a Hugging Face checkpoint: {export}")
+            if has_lora(policy):
+                adapter = save_peft_adapter(
+                    policy, os.path.join(self.workdir, "adapter"), base_model_name_or_path=base_model or None
+                )
+                if self.primary:
+                    log.info(f"exported the LoRA adapters as a PEFT adapter: {adapter}")
         if "eval/accuracy_before" in self.results and "eval/accuracy_after" in self.results:
             b, a = self.results["eval/accuracy_before"], self.results["eval/accuracy_after"]
             log.info(

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from conspo_jax.base import distributed, logs
 from conspo_jax.base.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
+from conspo_jax.models.lora import count_lora_params, has_lora, trainable_filter
 from conspo_jax.objectives import resolve_dapo_rollout
 from conspo_jax.run import build
 from conspo_jax.train import programs
@@ -81,7 +82,14 @@ class Trainer:
             f"{len(self.task.eval_records)} held out"
         )
         self.stop_ids = build.stop_token_ids(self.tokenizer, policy.config)
-        self.graphdef, params, self.rest = nnx.split(policy, nnx.Param, ...)
+        # What the optimizer updates: every Param, or only the adapters of a LoRA run (model.lora.rank > 0),
+        # whose frozen base then rides in `rest` like any constant: no gradient, no optimizer state.
+        self.graphdef, params, self.rest = nnx.split(policy, trainable_filter(policy), ...)
+        if has_lora(policy):
+            log.info(
+                f"LoRA rank {policy.lora.rank} on {','.join(policy.lora.targets)}: "
+                f"{count_lora_params(policy.config, policy.lora) / 1e6:.2f}M trainable parameters"
+            )
 
         r, name = config.rollout, config.objective.name
         self.objective_fn, self.objective_kwargs = programs.objective_of(config)
@@ -278,7 +286,11 @@ class Trainer:
         The engine is idle here in both modes (an overlapped run has collected step ``done``'s batch).
         """
         c = self.config
+        t0 = time.time()
         self.engine.sync(nnx.merge_state(self.producer.engine_weights(self.state.params), self.rest), done)
+        row["time/sync_s"] = time.time() - t0
+        if getattr(self.engine, "last_sync_bytes", None):  # a sidecar's: the bytes its weight sync exported
+            row["sync/bytes"] = float(self.engine.last_sync_bytes)
         if self.evaluator.due(done, self.total_steps):
             row.update(self.evaluate(done))
         self.writer.write(done, row)
@@ -309,7 +321,7 @@ class Trainer:
     def finish(self, last_row: dict) -> None:
         """results.json, the reward curve and the HF export of a completed run (conspo_jax/train/export.py)."""
         policy = nnx.merge(self.graphdef, self.state.params, self.rest) if self.config.train.export_hf else None
-        self.outputs.finish(last_row, policy=policy, tokenizer=self.tokenizer)
+        self.outputs.finish(last_row, policy=policy, tokenizer=self.tokenizer, base_model=self.config.model.path)
 
     def close(self) -> None:
         self.producer.close()
@@ -331,10 +343,22 @@ class Trainer:
             t0 = time.time()
             rb = self.inflight.take() or self.collect(step)
             future = self.producer.submit(self.collect, step + 1, self.total_steps)  # overlaps this update
-            row = self.update(self.make_batches(self.check_staleness(rb, step)), step)
+            t_batch = time.time()
+            minis = self.make_batches(self.check_staleness(rb, step))
+            t_update = time.time()
+            row = self.update(minis, step)  # its device_get of the metrics waits for the update to finish
             t_wait = time.time()
             self.inflight.put(self.producer.wait(future))
-            row.update(rollout_metrics(rb, row, t0), **{"time/wait_rollouts_s": time.time() - t_wait})
+            row.update(
+                rollout_metrics(rb, row, t0),
+                **{
+                    # make_batches dispatches the old-policy log-probs asynchronously: most of their time
+                    # lands in update_s, which therefore times old log-probs + the optimizer update.
+                    "time/batch_s": t_update - t_batch,
+                    "time/update_s": t_wait - t_update,
+                    "time/wait_rollouts_s": time.time() - t_wait,
+                },
+            )
             done = step + 1
             self.after_step(done, row)
             bar.update(1)

@@ -69,12 +69,17 @@ class WeightStore:
         return sorted(out)
 
     def export(self, policy, version: int) -> str:
-        """Writes ``policy`` as HF safetensors into ``path_for(version)`` atomically; returns that path."""
-        final = self.path_for(version)
-        if self._saver is None:  # save_hf_policy writes to a temporary and renames it into place itself
-            from conspo_jax.models.hf_io import save_hf_policy
+        """Writes ``policy`` as HF safetensors into ``path_for(version)`` atomically; returns that path.
 
-            return save_hf_policy(policy, final)
+        A LoRA policy is written as its PEFT adapter alone (1-5% of the bytes): the sidecar holds the
+        frozen base and merges the adapters onto it (``JaxEngine.sync``)."""
+        final = self.path_for(version)
+        if self._saver is None:  # both savers write to a temporary and rename it into place themselves
+            from conspo_jax.models.hf_io import save_hf_policy
+            from conspo_jax.models.lora import has_lora
+            from conspo_jax.models.peft_io import save_peft_adapter
+
+            return save_peft_adapter(policy, final) if has_lora(policy) else save_hf_policy(policy, final)
         saver = self._saver
         tmp = tempfile.mkdtemp(prefix=f".tmp-{version_dirname(version)}-", dir=self.root)
         try:
@@ -86,6 +91,11 @@ class WeightStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
+
+    @staticmethod
+    def nbytes(path: str) -> int:
+        """Bytes of the files of one exported version (what the sidecar reads for a weight sync)."""
+        return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
 
     def cleanup(self, keep_from: int) -> list[int]:
         """Deletes every version older than ``keep_from`` and stale temporaries; returns the versions removed."""
