@@ -3,7 +3,7 @@
 Public API: `ModelConfig`, `get_model_config`, `init_policy`, `load_hf_policy`, `save_hf_policy`,
 `token_logprobs`, `make_mesh`, `REMAT_POLICIES` (the `remat=` values), `compute_layer_params`, and for the sampler `init_kv_cache`, `forward_cached`,
 `policy_logits`. LoRA (conspo_jax/models/lora.py): `LoRAConfig`, `LoRAParam`, `attach_lora`,
-`split_trainable`, `merge_lora`, `merged_policy`, `plain_graphdef`. Sharding helpers: `state_shardings` (any nnx state whose Variables carry
+`split_trainable`, `merge_lora`, `merged_policy`, `base_policy`, `plain_graphdef`. Sharding helpers: `state_shardings` (any nnx state whose Variables carry
 `logical_axes`, e.g. params or optimizer state), `policy_state_shardings`, `batch_sharding`.
 
 Typical trainer use (jit a pure function over split state):
@@ -24,6 +24,7 @@ from conspo_jax.models.lora import (
     LoRAConfig,
     LoRAParam,
     attach_lora,
+    base_policy,
     merge_lora,
     merged_policy,
     plain_graphdef,
@@ -53,6 +54,7 @@ __all__ = [
     "Transformer",
     "abstract_policy",
     "attach_lora",
+    "base_policy",
     "batch_sharding",
     "compute_layer_params",
     "forward_cached",

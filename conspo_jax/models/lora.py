@@ -247,6 +247,14 @@ def plain_graphdef(model: Transformer):
     return nnx.graphdef(_without_adapters(model) if has_lora(model) else model)
 
 
+def base_policy(model: Transformer) -> Transformer:
+    """The frozen base of `model` as a plain Transformer: its adapters dropped, not merged. A policy
+    without adapters is returned as is."""
+    if not has_lora(model):
+        return model
+    return nnx.merge(plain_graphdef(model), nnx.filter_state(nnx.state(model), nnx.Not(LoRAParam)))
+
+
 def merged_policy(model: Transformer) -> Transformer:
     """A plain Transformer with the adapters folded in (for an engine, `save_hf_policy`, evaluation);
     `model` itself is left as it is. A policy without adapters is returned as is."""

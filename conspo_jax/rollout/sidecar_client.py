@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import grpc
 from flax import nnx
 
+from conspo_jax.models.lora import base_policy, has_lora
 from conspo_jax.rollout.engine import RolloutEngine, Rollouts, SamplingParams
 from conspo_jax.rollout.wire import DEFAULT_MAX_MESSAGE_BYTES, TOKEN_ENV, codec
 from conspo_jax.rollout.wire import rollout_pb2 as pb
@@ -103,6 +104,7 @@ class SidecarClient(RolloutEngine):
         self._stub = pb_grpc.RolloutServiceStub(self._channel)
         self.version = 0  # last weight version the sidecar acknowledged
         self._last_push: tuple[str, int] | None = None
+        self._base_push: tuple[str, int] | None = None  # a LoRA policy's frozen base, pushed once
         self.last_sync_bytes = 0  # the files of the last exported version
         self._calls = itertools.count()
         self.stats = collections.Counter()
@@ -186,8 +188,17 @@ class SidecarClient(RolloutEngine):
         deletes older exported versions. ``stats['sync_bytes']`` counts the bytes exported."""
         if self.weights is None:
             raise ValueError("SidecarClient needs weights= (a WeightStore or the shared weights dir) to push a policy")
+        base_bytes = 0
+        if has_lora(policy) and self._base_push is None:
+            # The sidecar's base need not be the trainer's (a warm start, another model.path): the frozen
+            # base goes over once per client, then adapters only. Tagged one version back so that no group
+            # sampled from the bare base can pass for this version's.
+            base = self.weights.export_base(base_policy(policy))
+            base_bytes = self.weights.nbytes(base)
+            self._base_push = (base, max(version - 1, 0))
+            self.push_weights(*self._base_push)
         path = self.weights.export(policy, version)
-        self.last_sync_bytes = self.weights.nbytes(path)
+        self.last_sync_bytes = base_bytes + self.weights.nbytes(path)
         self.stats["sync_bytes"] += self.last_sync_bytes
         self.push_weights(path, version)
         self.weights.cleanup(keep_from=version)
@@ -317,6 +328,8 @@ class SidecarClient(RolloutEngine):
             return False
         path, version = self._last_push
         log.warning("sidecar is behind weight version %d; pushing %s again", min_version, path)
+        if self._base_push is not None:  # a restarted sidecar lost the LoRA base the adapters go on
+            self.push_weights(*self._base_push)
         self.push_weights(path, version)
         self.stats["repushes"] += 1
         return True

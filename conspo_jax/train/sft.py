@@ -138,6 +138,8 @@ def _fingerprint(config) -> dict:
     for section in ("model", "sft", "data"):
         out[section] = json.loads(config[section].to_json_best_effort())
     out["sft"].pop("cache_dir", None)
+    # The warm start trains every weight, LoRA or not (LoRA adapters come after it): both share a cache.
+    out["model"].pop("lora", None)
     out["max_new_tokens"] = config.rollout.max_new_tokens
     return _without_off_keys(out)
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from conspo_jax.base import distributed, logs
 from conspo_jax.base.configs import UsageError, config_to_json
 from conspo_jax.data.pipeline import make_prompt_dataset
-from conspo_jax.models.lora import count_lora_params, has_lora, trainable_filter
+from conspo_jax.models.lora import base_policy, count_lora_params, has_lora, trainable_filter
 from conspo_jax.objectives import resolve_dapo_rollout
 from conspo_jax.run import build
 from conspo_jax.train import programs
@@ -193,6 +193,12 @@ class Trainer:
         a copy taken after the warm start, saved in every checkpoint and restored from it, never
         re-copied from the resumed parameters."""
         resume = self.ckpt.latest_step()
+        c = self.config
+        lora = has_lora(nnx.merge(self.graphdef, self.state.params, self.rest))
+        # A LoRA run's frozen base is the warm start, and checkpoints hold the adapters only: a resume
+        # makes that base again (from sft.cache_dir when set; the warm start is deterministic otherwise).
+        if self.warm_start and c.sft.steps and self.task.sft_target is not None and (resume is None or lora):
+            self._warm_start(lora)
         if resume is not None:
             self.state, data_state, meta, ref = self.ckpt.restore(
                 resume, self.state, self.state.params if needs_ref else None
@@ -200,13 +206,22 @@ class Trainer:
             self.data_iter.set_state(local_data_state(data_state))
             log.info(f"resumed from step {resume} ({self.ckpt.directory})")
             return int(meta["step"]), ref
+        return 0, jax.tree.map(jnp.copy, self.state.params) if needs_ref else None
+
+    def _warm_start(self, lora: bool) -> None:
+        """The supervised warm start (conspo_jax/train/sft.py) of every weight. Under LoRA it fine-tunes the
+        base before RL trains the adapters on top, so LoRA and full runs of a seed start from one policy."""
         c = self.config
-        if self.warm_start and c.sft.steps and self.task.sft_target is not None:
+        if not lora:
             params = cached_warm_start(
                 self.graphdef, self.state.params, self.rest, self.task, self.tokenizer, config=c, mesh=self.mesh
             )
             self.state = init_train_state(params, self.optimizer, jax.random.key(c.seed), self.mesh)
-        return 0, jax.tree.map(jnp.copy, self.state.params) if needs_ref else None
+            return
+        plain = base_policy(nnx.merge(self.graphdef, self.state.params, self.rest))
+        graphdef, params, rest = nnx.split(plain, nnx.Param, ...)
+        params = cached_warm_start(graphdef, params, rest, self.task, self.tokenizer, config=c, mesh=self.mesh)
+        self.rest = nnx.merge_state(self.rest, params)  # the warm-started weights become the frozen base
 
     # ---- stages --------------------------------------------------------------------------------
 

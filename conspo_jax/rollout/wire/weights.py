@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
+BASE_DIRNAME = "base"
 
 
 def default_weights_dir() -> str:
@@ -91,6 +92,13 @@ class WeightStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
+
+    def export_base(self, policy) -> str:
+        """Writes a LoRA run's frozen base (a plain policy) as HF safetensors into ``root/base``, which
+        ``cleanup`` keeps; returns that path."""
+        from conspo_jax.models.hf_io import save_hf_policy
+
+        return save_hf_policy(policy, os.path.join(self.root, BASE_DIRNAME))
 
     @staticmethod
     def nbytes(path: str) -> int:
