@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SUM := $(shell cksum setup.cfg | cut -d' ' -f1)
 STAMP := $(VENV)/.installed-$(SUM)
 TRAIN_STAMP := $(VENV)/.installed-train-$(SUM)
-PYTEST_ARGS ?= -n 2 --durations=15
+PYTEST_ARGS ?= -n 2 --dist worksteal --durations=15
 # XLA CPU code-generation settings that `make test-portable` runs the suite under (CONTRIBUTING.md).
 PORTABLE_XLA_FLAGS ?= --xla_cpu_max_isa=AVX2 --xla_cpu_max_isa=SSE4_2
 

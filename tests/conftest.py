@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from conspo_jax.base.xla_cache import host_cache_dir
 
 # $CONSPO_TEST_XLA_FLAGS changes XLA's CPU code generation for the whole suite, subprocesses included (for
@@ -35,3 +37,11 @@ SHARED_DATA = os.environ.get("CONSPO_DATA_DIR") or os.path.abspath(
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", host_cache_dir(os.path.join(os.environ.get("TMPDIR", "/tmp"), "conspo_jax_test_xla"))
 )
+
+
+@pytest.fixture(scope="session")
+def smoke_warm_cache(tmp_path_factory):
+    """One sft.cache_dir for the 200-step warm start of arith_tiny.py:smoke, which several modules' runs
+    start from (their warm-start settings are the same; cached_warm_start refuses a cache made with other
+    settings, naming the keys). The first run that needs it computes it; the rest restore it."""
+    return str(tmp_path_factory.mktemp("smoke_warm"))

@@ -17,8 +17,8 @@ SMOKE = os.path.join(ROOT, "experiments", "arith_tiny.py") + ":smoke"
 
 
 @pytest.fixture(scope="module")
-def warm_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("warm"))
+def warm_cache(smoke_warm_cache):
+    return smoke_warm_cache  # the 200-step warm start (conftest.py), shared with other modules
 
 
 def _config(warm_cache, *, async_steps=1, **train_kw):

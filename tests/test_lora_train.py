@@ -59,8 +59,8 @@ def _rows(workdir):
 
 
 @pytest.fixture(scope="module")
-def warm(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("warm"))  # one warm start of the base, shared (sft.cache_dir)
+def warm(smoke_warm_cache):
+    return smoke_warm_cache  # the 200-step warm start (conftest.py), shared with other modules
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Two processes x 2 CPU devices (jax.distributed on localhost) compute what one process x 4 devices does,
-and a two-process run killed after a checkpoint resumes to the same end.
+across a kill of both after a checkpoint and a resume.
 
 Ports are loopback ports chosen at run time; every wait is bounded (TIMEOUT_S)."""
 
@@ -131,14 +131,10 @@ def one_process(tmp_path_factory, sft_cache):
     return workdir
 
 
-def test_two_processes_equal_one(one_process, sft_cache, tmp_path):
-    workdir = str(tmp_path / "two")
-    _run(workdir, 2, sft_cache)
-    _assert_same(one_process, workdir)
-    assert len(_rows(workdir)) == 5  # eval at start + 4 steps, written once (by process 0)
-
-
-def test_two_process_kill_and_resume_equals_uninterrupted(one_process, sft_cache, tmp_path):
+def test_two_processes_killed_and_resumed_equal_one_uninterrupted(one_process, sft_cache, tmp_path):
+    """Steps 1-2 run on two processes before both are killed, steps 3-4 after the resume: every row and the
+    final parameters equal the one-process run's (a separate uninterrupted two-process run would
+    repeat steps 1-2 at the cost of a whole run)."""
     workdir = str(tmp_path / "resumed")
     jobs = _start(workdir, 2, sft_cache)
     ckpt = os.path.join(workdir, "checkpoints", "2")  # Orbax renames a step's directory when it is complete
@@ -157,6 +153,7 @@ def test_two_process_kill_and_resume_equals_uninterrupted(one_process, sft_cache
     assert not os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
     _run(workdir, 2, sft_cache)  # the same command again resumes from the step-2 checkpoint
     _assert_same(one_process, workdir)
+    assert len(_rows(workdir)) == 5  # eval at start + 4 steps, each written once (by process 0)
 
 
 # Each process decodes its own prompts (different counts and lengths) on its block of one global decode with

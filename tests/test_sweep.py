@@ -112,6 +112,20 @@ def test_sweep_modules_define_the_papers_grids():
     assert values == {"tau": [1, 5, 10, 20], "max_margin": [0, 0.005, 0.01, 0.05], "warmup_ratio": [0.1, 0.3, 0.5, 1]}
 
 
+def test_every_shipped_sweep_module_loads_and_the_lora_rows_pair_with_full():
+    for name in sorted(os.listdir(os.path.join(REPO, "experiments/sweeps"))):
+        if name.endswith(".py") and not name.startswith("_"):
+            points = load_sweep(os.path.join(REPO, "experiments/sweeps", name))
+            assert points and len({p.name for p in points}) == len(points), name
+    lora = load_sweep(os.path.join(REPO, "experiments/sweeps/lora.py") + ":rank=4,lora_lr=1e-3,seeds=2")
+    by = {p.name: p for p in lora}
+    assert sorted(by) == ["full_s0", "full_s1", "lora_r4_s0", "lora_r4_s1"]
+    assert by["full_s1"].method == "conspo" and "model.lora.rank" not in by["full_s1"].overrides
+    assert by["lora_r4_s1"].overrides["model.lora.rank"] == 4 and by["lora_r4_s1"].overrides["optim.lr"] == 1e-3
+    with pytest.raises(ValueError, match="rank=0"):
+        load_sweep(os.path.join(REPO, "experiments/sweeps/lora.py") + ":rank=0")
+
+
 def _fake_run(root, name, before, evals, rewards):
     d = root / "runs" / name
     d.mkdir(parents=True)
