@@ -167,3 +167,20 @@ def test_math_task_held_out_set_reports_accuracy_and_boxed_rate(tmp_path):
         assert 0.0 <= r["eval/accuracy"] <= r["eval/boxed_rate"] <= 1.0, r  # a right answer is a boxed one
     samples = [json.loads(line) for line in open(os.path.join(workdir, "eval", "step_1", "samples.jsonl"))]
     assert len(samples) == 6
+
+
+def test_conspo_eval_grades_benchmarks_by_the_configs_answer_format():
+    """A math config trained on last-number answers (data.answer_format) is scored the same way on its
+    benchmarks; the arithmetic task and a 'boxed' config keep the paper's boxed-only rule."""
+    from conspo_jax.run import build
+    from conspo_jax.train.config_base import base_config
+
+    c = base_config()
+    c.task = "math"
+    unboxed, boxed = ["So 23 + 45 = 68.", "The sum is \\boxed{68}."], ["68", "68"]
+    c.data.answer_format = "boxed_or_last_number"
+    assert [v.score > 0 for v in build.benchmark_verifier(c)(unboxed, boxed)] == [True, True]
+    c.data.answer_format = "boxed"
+    assert [v.score > 0 for v in build.benchmark_verifier(c)(unboxed, boxed)] == [False, True]
+    c.task, c.data.answer_format = "arith", "boxed_or_last_number"
+    assert [v.score > 0 for v in build.benchmark_verifier(c)(unboxed, boxed)] == [False, True]

@@ -61,6 +61,9 @@ def run_eval_command(
             limit=e.limit or None,
             stop_token_ids=build.stop_token_ids(tokenizer, policy.config),
             label=os.path.basename(os.path.normpath(hf or checkpoint)),
+            # A math config's grading rule (data.answer_format) holds for its benchmarks too: a model trained
+            # and reported on last-number answers is scored the same way here.
+            verify=build.benchmark_verifier(config),
         )
     finally:
         engine.close()

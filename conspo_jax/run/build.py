@@ -149,6 +149,13 @@ def _math_verify(texts, answers, answer_format="boxed") -> list:
     return default_pool().verify(list(texts), list(answers), answer_format=answer_format)
 
 
+def benchmark_verifier(config):
+    """``evaluate``'s verify for benchmarks under ``config``: math-verify with the math task's
+    data.answer_format ('boxed' for other tasks, the paper's protocol)."""
+    answer_format = config.data.answer_format if config.task == "math" else "boxed"
+    return functools.partial(_math_verify, answer_format=answer_format)
+
+
 def build_task(config, tokenizer) -> Task:
     if config.task == "arith":
         d = config.data
