@@ -158,3 +158,23 @@ def test_sidecar_training_matches_embedded_and_syncs_only_the_adapters(warm, tmp
         assert adapter_bytes <= r["sync/bytes"] <= adapter_bytes + 64 * 1024, (r["sync/bytes"], adapter_bytes)
     print(f"LoRA sync {side[0]['sync/bytes'] / 1e6:.3f} MB, the full weights {full_bytes / 1e6:.3f} MB")
     assert side[0]["sync/bytes"] < 0.5 * full_bytes
+
+
+def test_overlapped_lora_run_samples_one_version_old_and_resumes_exactly(warm, tmp_path):
+    """rollout.async_steps=1 with TIS under LoRA: the engine merges the adapters of the version before the
+    trainer's, and a run stopped after its step-2 checkpoint resumes to the uninterrupted run's end."""
+    extra = {"rollout.async_steps": 1, "rollout.tis_cap": 2.0, "objective.name": "conspo", "train.mini_batches": 1}
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    train(_config(warm, **extra), full)
+    rows = _rows(full)
+    assert [r["rollout/staleness"] for r in rows] == [0.0, 1.0, 1.0, 1.0]
+    train(_config(warm, **extra, **{"train.stop_after": 2}), split)
+    train(_config(warm, **extra), split)
+    assert _rows(split) == rows
+    a, b = (
+        load_file(f"{full}/adapter/adapter_model.safetensors"),
+        load_file(f"{split}/adapter/adapter_model.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
