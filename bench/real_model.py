@@ -15,7 +15,8 @@ Rows:
   short answers make the length distribution long-tailed (where refill and compaction matter).
   A rollout's limit is the larger of its FLOPs over the matmul ceiling and its bytes (the weights once per
   decode step, the KV cache each token attends to) over the copy bandwidth.
-- train: token log-probs + backward + AdamW (bench/real_train.py, against torch).
+- train: token log-probs + backward + AdamW (bench/real_train.py), against torch: 16 x 512 and 64 x 512
+  (quick: 4 x 128).
 - rl: one RL step of experiments/smollm2_135m.py broken down, synchronous and with rollout.async_steps=1.
 
 Each rollout side runs in its own process, so its peak resident memory (VmHWM) is its own.
@@ -327,8 +328,8 @@ def main(argv=None) -> None:
         else:
             if args.arch:
                 args.path = random_checkpoint(args.arch, args.dtype, None)
-            sizes = ((16, 512),) if args.quick else ((16, 512), (64, 512))
-            for r in train_step_rows(args.path, sizes=sizes):
+            sizes = ((4, 128),) if args.quick else ((16, 512), (64, 512))
+            for r in train_step_rows(args.path, sizes=sizes, limits=limits, dtype=args.dtype):
                 table.append(r["markdown"] if "markdown" in r else f"| train {r} |")
                 print(table[-1], flush=True)
     if "rl" in sections and not args.arch:

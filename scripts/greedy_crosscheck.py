@@ -20,6 +20,7 @@ import numpy as np
 def crosscheck(hf_dir: str, *, num: int, max_new_tokens: int, data: str = "gsm8k") -> dict:
     import jax.numpy as jnp
     import torch
+    from tqdm.auto import tqdm
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from conspo_jax.data.math_data import load_benchmark
@@ -40,7 +41,7 @@ def crosscheck(hf_dir: str, *, num: int, max_new_tokens: int, data: str = "gsm8k
 
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     rows, t0 = [], time.time()
-    for i, (p, mine) in enumerate(zip(prompts, ours)):
+    for i, (p, mine) in enumerate(tqdm(list(zip(prompts, ours)), desc="transformers generate", unit="prompt")):
         with torch.no_grad():
             out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                  do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
