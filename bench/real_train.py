@@ -26,6 +26,13 @@ from logprob_step import flops_per_token, run_worker  # noqa: E402
 LR = 1e-6
 
 
+def _token_ids(vocab: int, rows: int, seq: int):
+    """The same random token ids on both sides (so the first step's losses agree)."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, vocab, (rows, seq)).astype(np.int64)
+
+
 def _peak_bytes(gpu_peak: int | None = None) -> int:
     if gpu_peak is not None:
         return gpu_peak
@@ -37,7 +44,6 @@ def _peak_bytes(gpu_peak: int | None = None) -> int:
 def run_ours(path: str, rows: int, seq: int, steps: int, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
     from flax import nnx
 
@@ -58,8 +64,7 @@ def run_ours(path: str, rows: int, seq: int, steps: int, dtype: str) -> dict:
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss
 
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(0, policy.config.vocab_size, (rows, seq)), jnp.int32)
+    ids = jnp.asarray(_token_ids(policy.config.vocab_size, rows, seq), jnp.int32)
     mask = jnp.ones((rows, seq), bool)
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, rest, ids, mask).compile()
@@ -86,8 +91,7 @@ def run_torch(path: str, rows: int, seq: int, steps: int, dtype: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa")
     model = model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    torch.manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (rows, seq), device=device)
+    ids = torch.from_numpy(_token_ids(model.config.vocab_size, rows, seq)).to(device)
     mask = torch.ones((rows, seq), dtype=torch.long, device=device)
 
     def step():

@@ -39,6 +39,9 @@ def crosscheck(hf_dir: str, *, num: int, max_new_tokens: int, data: str = "gsm8k
     ours = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)).completions()
     t_ours = time.time() - t0
 
+    # One row at a time is a chain of small ops: one thread is as fast, and it does not stall when another
+    # process holds a core (OpenMP threads spin on a busy machine: 25 min instead of minutes, measured).
+    torch.set_num_threads(1)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     rows, t0 = [], time.time()
     for i, (p, mine) in enumerate(tqdm(list(zip(prompts, ours)), desc="transformers generate", unit="prompt")):
