@@ -40,7 +40,8 @@ def crosscheck(hf_dir: str, *, num: int, max_new_tokens: int, data: str = "gsm8k
     t_ours = time.time() - t0
 
     # One row at a time is a chain of small ops: one thread is as fast, and it does not stall when another
-    # process holds a core (OpenMP threads spin on a busy machine: 25 min instead of minutes, measured).
+    # process holds a core (2026-12-08, 50 prompts x 128 tokens beside a training run: unfinished after 21 min
+    # on two threads, about 8 min on one).
     torch.set_num_threads(1)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     rows, t0 = [], time.time()
