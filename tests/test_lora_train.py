@@ -3,6 +3,7 @@ adapter and a merged checkpoint that agree with each other and leave every other
 it, kill -9 and resume is bit-exact, and training through the sidecar reproduces the embedded engine while
 each weight sync moves only the adapters' bytes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -98,6 +99,13 @@ def test_only_the_adapters_train_and_both_exports_agree(lora_run, base_hf, warm,
     names = sorted(saved["params"]["layers"])
     assert names == sorted(f"{t}_lora_{s}" for t in ("q", "k", "v", "o", "gate", "up", "down") for s in "ab")
 
+    # The run trained its base (the warm start): it exports that base, and the adapter names it.
+    exported_base = load_file(os.path.join(lora_run, "base", "model.safetensors"))
+    assert exported_base.keys() == base_hf.keys()
+    for k in base_hf:
+        np.testing.assert_array_equal(exported_base[k], base_hf[k], err_msg=k)
+    with open(os.path.join(lora_run, "adapter", "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == os.path.join(lora_run, "base")
     merged = load_file(os.path.join(lora_run, "hf", "model.safetensors"))
     # The warm-started base with the run's PEFT adapter loaded, merged by our export: the run's merged checkpoint.
     policy = load_peft_adapter(_warm_base(c, warm), f"{lora_run}/adapter")

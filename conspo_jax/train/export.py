@@ -13,7 +13,7 @@ import logging
 import os
 
 from conspo_jax.models import save_hf_policy
-from conspo_jax.models.lora import has_lora
+from conspo_jax.models.lora import base_policy, has_lora
 from conspo_jax.models.peft_io import save_peft_adapter
 from conspo_jax.train.metrics import atomic_write, plot_reward_curve, read_metrics
 
@@ -46,10 +46,13 @@ class RunOutputs:
         if self.primary:
             atomic_write(os.path.join(self.workdir, "results.json"), json.dumps(self.results, indent=indent))
 
-    def finish(self, last_row: dict, *, policy=None, tokenizer=None, base_model: str | None = None) -> None:
+    def finish(
+        self, last_row: dict, *, policy=None, tokenizer=None, base_model: str | None = None, export_base=False
+    ) -> None:
         """Results, the reward curve, the HF export (of ``policy``, when given) and the before/after line
         of a completed run. A LoRA policy is exported merged into ``hf/`` and as a PEFT adapter into
-        ``adapter/`` (``base_model``: its adapter_config.json's base_model_name_or_path)."""
+        ``adapter/`` (``base_model``: its adapter_config.json's base_model_name_or_path). ``export_base``:
+        the run trained its base (a warm start), so the base goes to ``base/`` and the adapter names it."""
         if "eval/accuracy" in last_row:
             self.results["eval/accuracy_after"] = last_row["eval/accuracy"]
         self.write_results(indent=2)
@@ -62,6 +65,10 @@ class RunOutputs:
             if self.primary:
                 tokenizer.save_pretrained(export)
                 log.info(f"exported the trained policy as a Hugging Face checkpoint: {export}")
+            if has_lora(policy) and export_base:
+                base_model = save_hf_policy(base_policy(policy), os.path.join(self.workdir, "base"))
+                if self.primary:
+                    tokenizer.save_pretrained(base_model)
             if has_lora(policy):
                 adapter = save_peft_adapter(
                     policy, os.path.join(self.workdir, "adapter"), base_model_name_or_path=base_model or None

@@ -118,6 +118,7 @@ class Trainer:
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts)
         needs_ref = self.objective_fn.requires_ref_logp(**self.objective_kwargs)
         # RL steps done; the optimizer's state.step counts updates (train.mini_batches per RL step).
+        self.trained_base = False  # set by a warm start under LoRA
         self.start, self.ref_params = self._restore_or_warm_start(needs_ref)
         self.resumed = self.ckpt.latest_step() is not None
         # The rollout seed key is constant; a host copy lets a producer thread read it while the step
@@ -222,6 +223,7 @@ class Trainer:
         graphdef, params, rest = nnx.split(plain, nnx.Param, ...)
         params = cached_warm_start(graphdef, params, rest, self.task, self.tokenizer, config=c, mesh=self.mesh)
         self.rest = nnx.merge_state(self.rest, params)  # the warm-started weights become the frozen base
+        self.trained_base = True  # model.path is no longer the adapters' base: the run exports its own
 
     # ---- stages --------------------------------------------------------------------------------
 
@@ -336,7 +338,13 @@ class Trainer:
     def finish(self, last_row: dict) -> None:
         """results.json, the reward curve and the HF export of a completed run (conspo_jax/train/export.py)."""
         policy = nnx.merge(self.graphdef, self.state.params, self.rest) if self.config.train.export_hf else None
-        self.outputs.finish(last_row, policy=policy, tokenizer=self.tokenizer, base_model=self.config.model.path)
+        self.outputs.finish(
+            last_row,
+            policy=policy,
+            tokenizer=self.tokenizer,
+            base_model=self.config.model.path,
+            export_base=self.trained_base,
+        )
 
     def close(self) -> None:
         self.producer.close()
