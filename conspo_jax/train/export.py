@@ -65,11 +65,11 @@ class RunOutputs:
             if self.primary:
                 tokenizer.save_pretrained(export)
                 log.info(f"exported the trained policy as a Hugging Face checkpoint: {export}")
-            if has_lora(policy) and export_base:
-                base_model = save_hf_policy(base_policy(policy), os.path.join(self.workdir, "base"))
-                if self.primary:
-                    tokenizer.save_pretrained(base_model)
             if has_lora(policy):
+                if export_base:
+                    base_model = save_hf_policy(base_policy(policy), os.path.join(self.workdir, "base"))
+                    if self.primary:
+                        tokenizer.save_pretrained(base_model)
                 adapter = save_peft_adapter(
                     policy, os.path.join(self.workdir, "adapter"), base_model_name_or_path=base_model or None
                 )

@@ -85,7 +85,8 @@ class Trainer:
         # What the optimizer updates: every Param, or only the adapters of a LoRA run (model.lora.rank > 0),
         # whose frozen base then rides in `rest` like any constant: no gradient, no optimizer state.
         self.graphdef, params, self.rest = nnx.split(policy, trainable_filter(policy), ...)
-        if has_lora(policy):
+        self.lora = has_lora(policy)
+        if self.lora:
             log.info(
                 f"LoRA rank {policy.lora.rank} on {','.join(policy.lora.targets)}: "
                 f"{count_lora_params(policy.config, policy.lora) / 1e6:.2f}M trainable parameters"
@@ -195,11 +196,10 @@ class Trainer:
         re-copied from the resumed parameters."""
         resume = self.ckpt.latest_step()
         c = self.config
-        lora = has_lora(nnx.merge(self.graphdef, self.state.params, self.rest))
         # A LoRA run's frozen base is the warm start, and checkpoints hold the adapters only: a resume
         # makes that base again (from sft.cache_dir when set; the warm start is deterministic otherwise).
-        if self.warm_start and c.sft.steps and self.task.sft_target is not None and (resume is None or lora):
-            self._warm_start(lora)
+        if self.warm_start and c.sft.steps and self.task.sft_target is not None and (resume is None or self.lora):
+            self._warm_start()
         if resume is not None:
             self.state, data_state, meta, ref = self.ckpt.restore(
                 resume, self.state, self.state.params if needs_ref else None
@@ -209,11 +209,11 @@ class Trainer:
             return int(meta["step"]), ref
         return 0, jax.tree.map(jnp.copy, self.state.params) if needs_ref else None
 
-    def _warm_start(self, lora: bool) -> None:
+    def _warm_start(self) -> None:
         """The supervised warm start (conspo_jax/train/sft.py) of every weight. Under LoRA it fine-tunes the
         base before RL trains the adapters on top, so LoRA and full runs of a seed start from one policy."""
         c = self.config
-        if not lora:
+        if not self.lora:
             params = cached_warm_start(
                 self.graphdef, self.state.params, self.rest, self.task, self.tokenizer, config=c, mesh=self.mesh
             )
