@@ -93,13 +93,49 @@ class RssPeak:
 
 
 # ----------------------------------------------------------------------------------------- workers
+def sequence_score_loss(graphdef):
+    """(params, rest, ids, mask) -> minus the mean length-normalised token log-prob (what sequence-level
+    objectives differentiate), for a policy split into ``graphdef``, params and rest."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from conspo_jax.models import token_logprobs
+
+    def loss_fn(params, rest, ids, mask):
+        logp = token_logprobs(nnx.merge(graphdef, params, rest), ids, mask)
+        n = jnp.maximum((mask[:, 1:] & mask[:, :-1]).sum(axis=1), 1)
+        return -jnp.mean(logp.sum(axis=1) / n)
+
+    return loss_fn
+
+
+def compiled_peak_bytes(analysis) -> int:
+    """XLA's compiled-memory estimate of a program's peak: arguments + outputs + temporaries - aliased."""
+    return (
+        analysis.temp_size_in_bytes
+        + analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def torch_sequence_score_loss(model, ids, mask):
+    """The same loss for a transformers causal LM, from full fp32 logits the usual way."""
+    import torch
+
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    m = mask[:, 1:].float()
+    return -((logp * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+
+
 def run_jax(args, batch: int, seq: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from conspo_jax.models import init_policy, token_logprobs
+    from conspo_jax.models import init_policy
 
     config = model_config(args.arch)
     on_gpu = jax.default_backend() == "gpu"
@@ -115,12 +151,7 @@ def run_jax(args, batch: int, seq: int) -> dict:
     graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
     del policy
 
-    def loss_fn(params, rest, ids, mask):
-        logp = token_logprobs(nnx.merge(graphdef, params, rest), ids, mask)
-        n = jnp.maximum((mask[:, 1:] & mask[:, :-1]).sum(axis=1), 1)
-        return -jnp.mean(logp.sum(axis=1) / n)
-
-    step = jax.jit(jax.value_and_grad(loss_fn))
+    step = jax.jit(jax.value_and_grad(sequence_score_loss(graphdef)))
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq)), jnp.int32)
     mask = jnp.ones((batch, seq), bool)
@@ -144,12 +175,7 @@ def run_jax(args, batch: int, seq: int) -> dict:
     if "peak_bytes_in_use" in stats:
         peak, how = stats["peak_bytes_in_use"], "device peak_bytes_in_use"
     else:
-        peak = (
-            analysis.temp_size_in_bytes
-            + analysis.argument_size_in_bytes
-            + analysis.output_size_in_bytes
-            - analysis.alias_size_in_bytes
-        )
+        peak = compiled_peak_bytes(analysis)
         how = "XLA compiled memory analysis (args+outputs+temps)"
     return dict(
         framework="jax",
@@ -190,10 +216,7 @@ def run_torch(args, batch: int, seq: int, checkpointing: bool) -> dict:
 
     def step():
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        m = mask[:, 1:].float()
-        loss = -((logp * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        loss = torch_sequence_score_loss(model, ids, mask)
         loss.backward()
         return loss
 

@@ -24,11 +24,11 @@ import resource
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from logprob_step import run_worker  # noqa: E402
+from logprob_step import compiled_peak_bytes, run_worker  # noqa: E402
 from lora_decode import config_for  # noqa: E402
+from real_train import compiled_update, timed_updates  # noqa: E402
 
 
 def run_side(args) -> dict:
@@ -38,7 +38,7 @@ def run_side(args) -> dict:
     import optax
     from flax import nnx
 
-    from conspo_jax.models import init_policy, token_logprobs
+    from conspo_jax.models import init_policy
     from conspo_jax.models.lora import LoRAConfig, attach_lora, state_nbytes, trainable_filter
     from conspo_jax.rollout.wire.weights import WeightStore
 
@@ -49,44 +49,21 @@ def run_side(args) -> dict:
     graphdef, params, rest = nnx.split(policy, trainable_filter(policy), ...)
     tx = optax.adamw(1e-5)
     opt = tx.init(params)
-
-    def loss_fn(params, rest, ids, mask):
-        logp = token_logprobs(nnx.merge(graphdef, params, rest), ids, mask)
-        n = jnp.maximum((mask[:, 1:] & mask[:, :-1]).sum(axis=1), 1)
-        return -jnp.mean(logp.sum(axis=1) / n)
-
-    def step(params, opt, rest, ids, mask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, ids, mask)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, loss
-
-    fn = jax.jit(step, donate_argnums=(0, 1))
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, config.vocab_size, (args.rows, args.seq)), jnp.int32)
     mask = jnp.ones((args.rows, args.seq), bool)
-    t0 = time.perf_counter()
-    compiled = fn.lower(params, opt, rest, ids, mask).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    times = []
-    for _ in range(args.steps + 1):  # the first call is a warm-up
-        t0 = time.perf_counter()
-        params, opt, loss = compiled(params, opt, rest, ids, mask)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
+    compiled, compile_s = compiled_update(graphdef, tx, params, opt, rest, ids, mask)
+    params, opt, loss, step_s = timed_updates(compiled, params, opt, rest, ids, mask, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         store = WeightStore(tmp)
         sync_bytes = store.nbytes(store.export(nnx.merge(graphdef, params, rest), 1))
     return dict(
         side=args.side,
         compile_s=compile_s,
-        step_s=statistics.median(times[1:]),
+        step_s=step_s,
         trainable=sum(x.size for x in jax.tree.leaves(params)),
         opt_bytes=state_nbytes(opt),
-        xla_peak_bytes=mem.argument_size_in_bytes
-        + mem.output_size_in_bytes
-        + mem.temp_size_in_bytes
-        - mem.alias_size_in_bytes,
+        xla_peak_bytes=compiled_peak_bytes(compiled.memory_analysis()),
         rss_peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         sync_bytes=sync_bytes,
         loss=float(loss),

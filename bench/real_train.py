@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from logprob_step import flops_per_token, run_worker  # noqa: E402
+from logprob_step import flops_per_token, run_worker, sequence_score_loss, torch_sequence_score_loss  # noqa: E402
 
 LR = 1e-6
 
@@ -41,42 +41,55 @@ def _peak_bytes(gpu_peak: int | None = None) -> int:
     return peak_rss_bytes()
 
 
+def compiled_update(graphdef, tx, params, opt, rest, ids, mask):
+    """The jitted RL update bench rows time: the gradient of `sequence_score_loss` with respect to
+    `params`, then a `tx` step, params and optimizer state donated. Returns (compiled, compile seconds)."""
+    import jax
+    import optax
+
+    loss_grad = jax.value_and_grad(sequence_score_loss(graphdef))
+
+    def step(params, opt, rest, ids, mask):
+        loss, grads = loss_grad(params, rest, ids, mask)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), opt, loss
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, rest, ids, mask).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def timed_updates(compiled, params, opt, rest, ids, mask, steps: int):
+    """Runs `steps` + 1 updates (the first a warm-up); returns (params, opt, last loss, median seconds)."""
+    import jax
+
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        params, opt, loss = compiled(params, opt, rest, ids, mask)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    return params, opt, loss, statistics.median(times[1:])
+
+
 def run_ours(path: str, rows: int, seq: int, steps: int, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
-    from conspo_jax.models import load_hf_policy, token_logprobs
+    from conspo_jax.models import load_hf_policy
 
     policy = load_hf_policy(path, dtype=jnp.dtype(dtype), param_dtype=jnp.float32)
     graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
     tx = optax.adamw(LR)
     opt = tx.init(params)
-
-    def loss_fn(params, rest, ids, mask):
-        logp = token_logprobs(nnx.merge(graphdef, params, rest), ids, mask)
-        n = jnp.maximum((mask[:, 1:] & mask[:, :-1]).sum(axis=1), 1)
-        return -jnp.mean(logp.sum(axis=1) / n)
-
-    def step(params, opt, rest, ids, mask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, rest, ids, mask)
-        updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), opt, loss
-
     ids = jnp.asarray(_token_ids(policy.config.vocab_size, rows, seq), jnp.int32)
     mask = jnp.ones((rows, seq), bool)
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, rest, ids, mask).compile()
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps + 1):  # the first call is a warm-up
-        t0 = time.perf_counter()
-        params, opt, loss = compiled(params, opt, rest, ids, mask)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
+    compiled, compile_s = compiled_update(graphdef, tx, params, opt, rest, ids, mask)
+    _, _, loss, step_s = timed_updates(compiled, params, opt, rest, ids, mask, steps)
     stats = jax.devices()[0].memory_stats() or {}
-    return dict(side="ours", step_s=statistics.median(times[1:]), compile_s=compile_s, loss=float(loss),
+    return dict(side="ours", step_s=step_s, compile_s=compile_s, loss=float(loss),
                 peak_bytes=_peak_bytes(stats.get("peak_bytes_in_use")))  # fmt: skip
 
 
@@ -96,10 +109,7 @@ def run_torch(path: str, rows: int, seq: int, steps: int, dtype: str) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        m = mask[:, 1:].float()
-        loss = -((logp * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        loss = torch_sequence_score_loss(model, ids, mask)
         loss.backward()
         opt.step()
         return loss
