@@ -13,19 +13,29 @@ def credit_overrides(method, opts):
     return {"train.diagnostics_every": CREDIT_EVERY["quick" if opts["quick"] else "full"]}
 
 
-def parse_arg(arg, *, default_seeds):
+def parse_arg(arg, *, default_seeds, extra=None):
+    """``extra``: a module's own keys, {name: (type, default)}, parsed as ``name=value``."""
+    extra = extra or {}
     opts = {"quick": False, "seeds": default_seeds, "steps": 0, "methods": ()}
+    opts.update({k: default for k, (_, default) in extra.items()})
     for opt in filter(None, (arg or "").split(",")):
         key, _, value = opt.partition("=")
-        if key == "quick" and not value:
+        if key in extra and value:
+            try:
+                opts[key] = extra[key][0](value)
+            except ValueError:
+                kind = {int: "an integer", float: "a number"}.get(extra[key][0], extra[key][0].__name__)
+                raise ValueError(f"sweep argument {opt!r}: {key} must be {kind}") from None
+        elif key == "quick" and not value:
             opts["quick"] = True
         elif key in ("seeds", "steps") and value.isdigit():
             opts[key] = int(value)
         elif key == "methods" and value:
             opts["methods"] = tuple(value.split("+"))
         else:
+            own = "".join(f", {k}=X" for k in extra)
             raise ValueError(
-                f"unknown sweep argument {opt!r}: use quick, seeds=N, steps=N or methods=A+B (comma-separated)"
+                f"unknown sweep argument {opt!r}: use quick, seeds=N, steps=N, methods=A+B{own} (comma-separated)"
             )
     return opts
 

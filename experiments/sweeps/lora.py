@@ -23,20 +23,12 @@ from conspo_jax.sweep import Point  # noqa: E402
 
 
 def get_sweep(arg=None):
-    rank, lora_lr, rest = 8, 3e-3, []
-    for opt in filter(None, (arg or "").split(",")):
-        key, _, value = opt.partition("=")
-        if key == "rank":
-            rank = int(value)
-        elif key == "lora_lr":
-            lora_lr = float(value)
-        else:
-            rest.append(opt)
+    opts = parse_arg(arg, default_seeds=3, extra={"rank": (int, 8), "lora_lr": (float, 3e-3)})
+    rank = opts["rank"]
     if rank <= 0:
         raise ValueError(f"lora sweep: rank={rank} must be > 0 (the full row is rank 0)")
-    opts = parse_arg(",".join(rest), default_seeds=3)
     common = {**base_overrides(opts), "objective.name": "conspo"}
-    lora = {**common, "model.lora.rank": rank, "optim.lr": lora_lr}
+    lora = {**common, "model.lora.rank": rank, "optim.lr": opts["lora_lr"]}
     points = []
     for s in range(opts["seeds"]):
         points.append(Point(name=f"full_s{s}", method="conspo", seed=s, overrides=common))
