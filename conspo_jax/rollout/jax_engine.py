@@ -217,6 +217,10 @@ class JaxEngine(RolloutEngine):
         def on_chunk(done, total, tokens):
             bar.set_postfix_str(f"{tokens / max(time.monotonic() - start, 1e-9):.0f} tok/s", refresh=False)
             bar.update(done - bar.n)
+            # update() skips redrawing within tqdm's mininterval, and the bar is cleared on close (leave=False):
+            # a shown bar draws its last state, so the call's end is visible, not a count short of it.
+            if done >= total and time.monotonic() - start >= self.progress_after_s:
+                bar.refresh()
 
         return bar, on_chunk
 
